@@ -1,0 +1,97 @@
+//! The cluster's state as one value: what a watch, a manifests folder or the demo scenario has said
+//! so far. Objects are applied and deleted one at a time; a re-list replaces the whole state at once.
+
+use std::collections::BTreeMap;
+
+use crate::input::Object;
+use crate::model::*;
+
+/// Identifies one object for deletion.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectRef {
+    Service(ObjectKey),
+    EndpointSlice(ObjectKey),
+    /// A legacy `Endpoints` object (named like its Service).
+    Endpoints(ObjectKey),
+    Node(String),
+    ServiceCidr(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cluster {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub legacy_endpoints: BTreeMap<ObjectKey, EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
+    pub service_cidrs: BTreeMap<String, ServiceCidr>,
+    pub config: ProxyConfig,
+}
+
+impl Cluster {
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut c = Cluster::default();
+        for o in objects {
+            c.apply(o);
+        }
+        c
+    }
+
+    /// Adds or replaces one object.
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Service(s) => {
+                self.services.insert(s.key.clone(), s);
+            }
+            Object::EndpointSlice(s) if s.from_legacy_endpoints => {
+                self.legacy_endpoints.insert(s.key.clone(), s);
+            }
+            Object::EndpointSlice(s) => {
+                self.endpoint_slices.insert(s.key.clone(), s);
+            }
+            Object::Node(n) => {
+                self.nodes.insert(n.name.clone(), n);
+            }
+            Object::ServiceCidr(c) => {
+                self.service_cidrs.insert(c.name.clone(), c);
+            }
+            Object::ProxyConfig(c) => self.config = c,
+        }
+    }
+
+    /// Removes one object; returns whether it was there.
+    pub fn delete(&mut self, r: &ObjectRef) -> bool {
+        match r {
+            ObjectRef::Service(k) => self.services.remove(k).is_some(),
+            ObjectRef::EndpointSlice(k) => self.endpoint_slices.remove(k).is_some(),
+            ObjectRef::Endpoints(k) => self.legacy_endpoints.remove(k).is_some(),
+            ObjectRef::Node(n) => self.nodes.remove(n).is_some(),
+            ObjectRef::ServiceCidr(n) => self.service_cidrs.remove(n).is_some(),
+        }
+    }
+
+    /// The EndpointSlices of every service, by service. A service with no real slice falls back
+    /// to its legacy `Endpoints` object, as the contract says.
+    pub fn slices_by_service(&self) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+        let mut by: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in self.endpoint_slices.values() {
+            by.entry(ObjectKey::new(s.key.namespace.clone(), s.service.clone())).or_default().push(s);
+        }
+        for s in self.legacy_endpoints.values() {
+            let k = ObjectKey::new(s.key.namespace.clone(), s.service.clone());
+            by.entry(k).or_insert_with(|| vec![s]);
+        }
+        by
+    }
+
+    /// The key of the service that owns an object, for change tracking.
+    pub fn service_of(r: &ObjectRef, cluster: &Cluster) -> Option<ObjectKey> {
+        match r {
+            ObjectRef::Service(k) | ObjectRef::Endpoints(k) => Some(k.clone()),
+            ObjectRef::EndpointSlice(k) => cluster
+                .endpoint_slices
+                .get(k)
+                .map(|s| ObjectKey::new(k.namespace.clone(), s.service.clone())),
+            _ => None,
+        }
+    }
+}
