@@ -1,0 +1,446 @@
+//! The `switchyard` command line: `render` and `trace`, exactly as the project's CONTRACT.md
+//! describes them.
+//!
+//! Parsing is clap's (bad values and unknown backends exit 2 with clap's message); running is
+//! [`run`], which writes to the writers it is given so tests can capture both streams. Exit
+//! status: 0 for any verdict, 2 for bad input ([`Error::exit_code`]).
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use switchyard_engine::cluster::Cluster;
+use switchyard_engine::model::{IpFamily, Protocol};
+use switchyard_engine::policy::Backend;
+use switchyard_engine::trace::{SocketAddr, Trace, Verdict};
+use switchyard_engine::{Destination, TraceRequest, dns};
+
+use crate::load::{self, LoadError};
+
+/// Routes Kubernetes Service traffic the way kube-proxy does, and shows every packet's way.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a node's complete kernel program (nftables script, iptables-restore input, ...).
+    Render(RenderArgs),
+    /// Show where a packet goes: verdict, every endpoint it can reach, and the path it takes.
+    Trace(TraceArgs),
+}
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct Source {
+    /// Kubernetes objects: a file, or a folder read recursively (*.yaml, *.yml, *.json).
+    /// Repeatable.
+    #[arg(long, value_name = "PATH", num_args = 1.., action = ArgAction::Append)]
+    pub cluster: Vec<PathBuf>,
+    /// Use the built-in demo cluster (nodes node-1, node-2, node-3) instead of --cluster.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// The node whose program to write.
+    #[arg(long)]
+    pub node: String,
+    #[arg(long, value_enum)]
+    pub backend: BackendArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// The node the packet enters.
+    #[arg(long)]
+    pub node: String,
+    #[arg(long, value_enum, default_value_t = BackendArg::Nftables)]
+    pub backend: BackendArg,
+    /// Trace this program instead of rendering one: as `render` prints it, or as the kernel lists
+    /// it (`nft list table ...`, `iptables-save`). `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub program: Option<PathBuf>,
+    /// The packet's source address.
+    #[arg(long, value_name = "IP", value_parser = parse_ip)]
+    pub from: IpAddr,
+    /// The destination: `IP:PORT`, `[IPv6]:PORT`, a Service DNS name with a port
+    /// (`nginx-svc.default:80`), or a node name with a port (`node-3:30080`).
+    #[arg(long, value_name = "IP:PORT|NAME:PORT", value_parser = parse_destination)]
+    pub to: Destination,
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+    pub protocol: ProtocolArg,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Seeds the one path sampled for the hops and the diagram.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Nftables,
+    Iptables,
+    Ipvs,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Nftables => Backend::Nftables,
+            BackendArg::Iptables => Backend::Iptables,
+            BackendArg::Ipvs => Backend::Ipvs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+            ProtocolArg::Sctp => Protocol::Sctp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+    Mermaid,
+}
+
+/// `10.0.0.1`, `fd00::1` or `[fd00::1]`; IPv4 with leading zeros is read as kube-proxy reads it.
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    let t = s.trim();
+    let bare = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(t);
+    switchyard_engine::input::parse_ip_sloppy(bare).ok_or_else(|| format!("{s:?} is not an IP address"))
+}
+
+fn parse_destination(s: &str) -> Result<Destination, String> {
+    s.parse()
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Engine(#[from] switchyard_engine::Error),
+    /// The `--program` given could not be parsed.
+    #[error("--program {}: {source}", path.display())]
+    Program {
+        path: PathBuf,
+        #[source]
+        source: switchyard_engine::Error,
+    },
+    #[error("cannot read --program {}: {source}", path.display())]
+    ReadProgram {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A piece of the engine this build does not have yet.
+    #[error("{0} is not available in this build yet")]
+    Unavailable(&'static str),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
+}
+
+impl Error {
+    /// 2 for bad input (the contract's exit status), 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        use switchyard_engine::Error as E;
+        match self {
+            Error::Load(_) | Error::Program { .. } | Error::ReadProgram { .. } => 2,
+            Error::Engine(E::UnknownNode(_) | E::UnknownName(_) | E::NoAddress { .. } | E::FamilyMismatch { .. }) => 2,
+            _ => 1,
+        }
+    }
+
+    /// The lines to print on standard error: one per problem.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Error::Load(e) => e.0.iter().map(|p| p.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+
+    /// A closed standard output (`switchyard render ... | head`) is not a failure.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// Runs one command. Warnings go to `err`; the answer goes to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Error> {
+    match cli.command {
+        Command::Render(a) => {
+            let cluster = cluster(&a.source, err)?;
+            let program = switchyard_engine::render(&cluster, &a.node, a.backend.into())?;
+            write_all(out, &program)?;
+            if !program.ends_with('\n') {
+                write_all(out, "\n")?;
+            }
+            Ok(())
+        }
+        Command::Trace(a) => {
+            let cluster = cluster(&a.source, err)?;
+            let trace = trace(&cluster, &a)?;
+            let text = match a.output {
+                Output::Json => {
+                    let mut s = serde_json::to_string_pretty(&trace)
+                        .map_err(|e| Error::Output(io::Error::other(e)))?;
+                    s.push('\n');
+                    s
+                }
+                Output::Text => text(&trace, &a.to),
+                Output::Mermaid => mermaid(&trace)?,
+            };
+            write_all(out, &text)
+        }
+    }
+}
+
+fn write_all(out: &mut dyn Write, s: &str) -> Result<(), Error> {
+    out.write_all(s.as_bytes()).map_err(Error::Output)
+}
+
+/// Reads the cluster the arguments name, printing the loader's warnings.
+fn cluster(source: &Source, err: &mut dyn Write) -> Result<Cluster, Error> {
+    if source.demo {
+        return demo_cluster();
+    }
+    let loaded = load::load(&source.cluster)?;
+    for w in &loaded.warnings {
+        // Warnings are advice; a closed stderr must not fail the command.
+        let _ = writeln!(err, "warning: {w}");
+    }
+    Ok(loaded.cluster)
+}
+
+/// The engine's built-in demo cluster.
+fn demo_cluster() -> Result<Cluster, Error> {
+    // PENDING(engine::demo): becomes `Ok(switchyard_engine::demo::cluster())` once it lands.
+    Err(Error::Unavailable("the built-in demo cluster (--demo)"))
+}
+
+/// The trace as a Mermaid sequence diagram.
+fn mermaid(_trace: &Trace) -> Result<String, Error> {
+    // PENDING(engine::flow): becomes `Ok(switchyard_engine::flow::mermaid(trace))` once it lands.
+    Err(Error::Unavailable("--output mermaid"))
+}
+
+/// Builds the engine's request from the arguments and traces it.
+pub fn trace(cluster: &Cluster, a: &TraceArgs) -> Result<Trace, Error> {
+    let program = match &a.program {
+        None => None,
+        Some(path) => Some(read_program(path)?),
+    };
+    let req = TraceRequest {
+        node: a.node.clone(),
+        backend: a.backend.into(),
+        program,
+        from: a.from,
+        to: node_destination(cluster, &a.to, a.from),
+        protocol: a.protocol.into(),
+        seed: a.seed,
+    };
+    switchyard_engine::trace(cluster, &req).map_err(|e| match e {
+        e @ (switchyard_engine::Error::Nftables(_) | switchyard_engine::Error::Iptables(_)) if a.program.is_some() => {
+            Error::Program { path: a.program.clone().unwrap_or_default(), source: e }
+        }
+        e => Error::from(e),
+    })
+}
+
+fn read_program(path: &PathBuf) -> Result<String, Error> {
+    let read = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        io::stdin().read_to_string(&mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(path)
+    };
+    read.map_err(|source| Error::ReadProgram { path: path.clone(), source })
+}
+
+/// `--to node-3:30080`: a name that is no Service but is a node stands for the node's primary
+/// address of the source's family, so NodePorts can be traced by node name.
+fn node_destination(cluster: &Cluster, to: &Destination, from: IpAddr) -> Destination {
+    if let Destination::Name { name, port } = to
+        && dns::resolve(cluster, name).is_none()
+        && let Some(ip) = cluster.nodes.get(name).and_then(|n| n.primary_ip(IpFamily::of(&from)))
+    {
+        return Destination::Addr(SocketAddr { ip, port: *port });
+    }
+    to.clone()
+}
+
+/// A readable summary: the packet, the verdict, every outcome, then the sampled path.
+pub fn text(t: &Trace, asked: &Destination) -> String {
+    let mut s = String::new();
+    let p = &t.packet;
+    let dst = SocketAddr { ip: p.dst, port: p.dst_port };
+    let asked = match asked {
+        Destination::Addr(a) => a.to_string(),
+        Destination::Name { name, port } => format!("{name}:{port}"),
+    };
+    let _ = writeln!(s, "packet   {} {} → {asked}", p.protocol, p.src);
+    if dst.to_string() != asked && !p.dst.is_unspecified() {
+        let _ = writeln!(s, "         ({asked} is {dst})");
+    }
+    let _ = writeln!(s, "node     {} ({} program)", t.node, t.backend);
+    let _ = writeln!(s, "verdict  {}", t.verdict.as_str());
+    if t.verdict == Verdict::Forward || !t.outcomes.is_empty() {
+        let _ = writeln!(s, "outcomes");
+        for o in &t.outcomes {
+            let masq = if o.masquerade { "masquerade: yes" } else { "masquerade: no" };
+            let _ = write!(s, "  {:>7.2}%  {:<24} {masq}", o.probability * 100.0, o.endpoint.to_string());
+            if let Some(n) = &o.node {
+                let _ = write!(s, "  node {n}");
+            }
+            if let Some(pod) = &o.pod {
+                let _ = write!(s, "  pod {pod}");
+            }
+            s.push('\n');
+        }
+    }
+    if !t.hops.is_empty() {
+        let _ = writeln!(s, "path (one sampled branch)");
+        let width = t.hops.len().to_string().len();
+        for (i, h) in t.hops.iter().enumerate() {
+            let on = h.node.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
+            let _ = writeln!(s, "  {:>width$}. {}{on}: {}", i + 1, h.at, h.action);
+            let pad = " ".repeat(width + 4);
+            for (label, value) in
+                [("chain", &h.chain), ("rule", &h.rule), ("comment", &h.comment), ("packet", &h.packet)]
+            {
+                if let Some(v) = value {
+                    let _ = writeln!(s, "{pad}{label:<8} {v}");
+                }
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_engine::trace::{Hop, Outcome, Packet};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("switchyard").chain(args.iter().copied()))
+    }
+
+    /// The contract's trace line parses, with its defaults.
+    #[test]
+    fn trace_arguments_and_defaults() {
+        let cli = parse(&["trace", "--cluster", "a", "--cluster", "b", "--node", "n", "--from", "10.0.0.1", "--to", "10.96.0.10:80"])
+            .expect("parses");
+        let Command::Trace(t) = cli.command else { panic!("not trace") };
+        assert_eq!(t.source.cluster, vec![PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(t.backend, BackendArg::Nftables);
+        assert_eq!(t.protocol, ProtocolArg::Tcp);
+        assert_eq!(t.output, Output::Text);
+        assert_eq!(t.to, Destination::Addr("10.96.0.10:80".parse().expect("addr")));
+    }
+
+    /// Bad arguments are clap errors, which exit 2.
+    #[test]
+    fn bad_arguments_exit_2() {
+        for args in [
+            &["trace", "--cluster", "a", "--node", "n", "--from", "10.0.0.300", "--to", "10.0.0.1:80"][..],
+            &["trace", "--cluster", "a", "--node", "n", "--from", "10.0.0.1", "--to", "10.0.0.1:99999"],
+            &["trace", "--cluster", "a", "--node", "n", "--from", "10.0.0.1", "--to", "fd00::1:80"],
+            &["render", "--cluster", "a", "--node", "n", "--backend", "bpf"],
+            &["render", "--cluster", "a", "--demo", "--node", "n", "--backend", "nftables"],
+            &["render", "--node", "n", "--backend", "nftables"],
+            &["trace", "--demo", "--node", "n", "--from", "10.0.0.1", "--to", "10.0.0.1:80", "--protocol", "icmp"],
+        ] {
+            let e = parse(args).expect_err(&format!("{args:?} should fail"));
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+    }
+
+    /// `--to` takes IPv6 in brackets and DNS names with ports.
+    #[test]
+    fn destinations() {
+        assert_eq!(
+            parse_destination("[fd00::1]:80"),
+            Ok(Destination::Addr(SocketAddr { ip: "fd00::1".parse().expect("ip"), port: 80 }))
+        );
+        assert_eq!(
+            parse_destination("nginx-svc.default:80"),
+            Ok(Destination::Name { name: "nginx-svc.default".into(), port: 80 })
+        );
+        assert_eq!(parse_ip("[fd00::1]"), Ok("fd00::1".parse().expect("ip")));
+        assert_eq!(parse_ip("010.001.002.003"), Ok("10.1.2.3".parse().expect("ip")));
+    }
+
+    /// Input problems and unknown nodes exit 2; what this build lacks exits 1.
+    #[test]
+    fn exit_codes() {
+        let e = Error::Engine(switchyard_engine::Error::UnknownNode("x".into()));
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(Error::Load(LoadError(Vec::new())).exit_code(), 2);
+        assert_eq!(Error::Unavailable("x").exit_code(), 1);
+        assert!(Error::Output(io::Error::from(io::ErrorKind::BrokenPipe)).is_broken_pipe());
+    }
+
+    /// The text summary names the verdict, each outcome with its share and masquerade, and
+    /// numbers the hops with their chain, rule and comment.
+    #[test]
+    fn text_summary() {
+        let ep = |s: &str| s.parse::<SocketAddr>().expect("endpoint");
+        let t = Trace {
+            verdict: Verdict::Forward,
+            outcomes: vec![
+                Outcome { endpoint: ep("10.180.0.1:80"), probability: 0.5, masquerade: true, node: Some("n1".into()), pod: None },
+                Outcome { endpoint: ep("10.180.2.1:80"), probability: 0.5, masquerade: false, node: None, pod: None },
+            ],
+            hops: vec![
+                Hop::new("prerouting nat", "dnat to 10.180.0.1:80")
+                    .chain("services")
+                    .rule("ip daddr . meta l4proto . th dport vmap @service-ips")
+                    .comment(Some("ns1/svc1 clusterIP".into())),
+            ],
+            packet: Packet {
+                src: "10.180.0.2".parse().expect("ip"),
+                src_port: 40000,
+                dst: "172.30.0.41".parse().expect("ip"),
+                dst_port: 80,
+                protocol: Protocol::Tcp,
+            },
+            node: "n1".into(),
+            backend: "nftables".into(),
+            dns: None,
+        };
+        let s = text(&t, &Destination::Name { name: "svc1.ns1".into(), port: 80 });
+        assert!(s.contains("verdict  forward"), "{s}");
+        assert!(s.contains("50.00%  10.180.0.1:80") && s.contains("masquerade: yes"), "{s}");
+        assert!(s.contains("(svc1.ns1:80 is 172.30.0.41:80)"), "{s}");
+        assert!(s.contains("1. prerouting nat: dnat to 10.180.0.1:80"), "{s}");
+        assert!(s.contains("chain    services") && s.contains("comment  ns1/svc1 clusterIP"), "{s}");
+    }
+}

@@ -1,0 +1,8 @@
+//! Switchyard's node agent and command line, as a library so that the binary stays a thin
+//! `main` and the integration tests can load clusters the way the CLI does.
+//!
+//! - [`load`] reads `--cluster` files and folders into an engine [`Cluster`](switchyard_engine::cluster::Cluster);
+//! - [`cli`] defines the `switchyard` command line (clap) and runs `render` and `trace`.
+
+pub mod cli;
+pub mod load;
