@@ -21,7 +21,7 @@ pub enum ObjectRef {
 pub struct Cluster {
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    pub legacy_endpoints: BTreeMap<ObjectKey, EndpointSlice>,
+    pub legacy_endpoints: BTreeMap<ObjectKey, Vec<EndpointSlice>>,
     pub nodes: BTreeMap<String, Node>,
     pub service_cidrs: BTreeMap<String, ServiceCidr>,
     pub config: ProxyConfig,
@@ -42,8 +42,8 @@ impl Cluster {
             Object::Service(s) => {
                 self.services.insert(s.key.clone(), s);
             }
-            Object::EndpointSlice(s) if s.from_legacy_endpoints => {
-                self.legacy_endpoints.insert(s.key.clone(), s);
+            Object::Endpoints { key, subsets } => {
+                self.legacy_endpoints.insert(key, subsets);
             }
             Object::EndpointSlice(s) => {
                 self.endpoint_slices.insert(s.key.clone(), s);
@@ -76,9 +76,8 @@ impl Cluster {
         for s in self.endpoint_slices.values() {
             by.entry(ObjectKey::new(s.key.namespace.clone(), s.service.clone())).or_default().push(s);
         }
-        for s in self.legacy_endpoints.values() {
-            let k = ObjectKey::new(s.key.namespace.clone(), s.service.clone());
-            by.entry(k).or_insert_with(|| vec![s]);
+        for (k, subsets) in &self.legacy_endpoints {
+            by.entry(k.clone()).or_insert_with(|| subsets.iter().collect());
         }
         by
     }

@@ -19,6 +19,8 @@ use crate::model::*;
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
+    /// A legacy `Endpoints` object, as one slice per subset and family.
+    Endpoints { key: ObjectKey, subsets: Vec<EndpointSlice> },
     Node(Node),
     ServiceCidr(ServiceCidr),
     ProxyConfig(ProxyConfig),
@@ -363,7 +365,7 @@ fn object(v: &Value, prefix: &str, out: &mut Parsed) -> Result<Option<Object>, L
         }
         "Endpoints" if api == "v1" || api.is_empty() => {
             needs_name("Endpoints")?;
-            legacy_endpoints(&c, key).map(Object::EndpointSlice).map(Some)
+            legacy_endpoints(&c, key.clone()).map(|subsets| Some(Object::Endpoints { key, subsets }))
         }
         "Node" if api == "v1" || api.is_empty() => {
             needs_name("Node")?;
@@ -641,18 +643,17 @@ fn endpoint_slice(c: &Cursor, key: ObjectKey, out: &mut Parsed) -> Result<Option
     Ok(Some(EndpointSlice { key, service, address_type, endpoints, ports, from_legacy_endpoints: false }))
 }
 
-fn legacy_endpoints(c: &Cursor, key: ObjectKey) -> Result<EndpointSlice, Located> {
-    let mut endpoints = Vec::new();
-    let mut ports: Vec<EndpointPort> = Vec::new();
-    let mut family = None;
-    for s in c.list("subsets")? {
+/// A legacy `Endpoints` object as slices: one per subset and address family, since each subset
+/// carries its own ports (as kube-proxy's old endpoints handling paired them).
+fn legacy_endpoints(c: &Cursor, key: ObjectKey) -> Result<Vec<EndpointSlice>, Located> {
+    let mut out = Vec::new();
+    for (n, s) in c.list("subsets")?.iter().enumerate() {
+        let mut endpoints = Vec::new();
         for (list, ready) in [("addresses", true), ("notReadyAddresses", false)] {
             for a in s.list(list)? {
                 let ipc = a.get("ip").ok_or_else(|| a.err("is missing `ip`").with_field(a.join("ip")))?;
-                let address = ip_of(&ipc)?;
-                family.get_or_insert(IpFamily::of(&address));
                 endpoints.push(Endpoint {
-                    address,
+                    address: ip_of(&ipc)?,
                     ready,
                     serving: ready,
                     terminating: false,
@@ -664,6 +665,7 @@ fn legacy_endpoints(c: &Cursor, key: ObjectKey) -> Result<EndpointSlice, Located
                 });
             }
         }
+        let mut ports: Vec<EndpointPort> = Vec::new();
         for p in s.list("ports")? {
             let port = p.get("port").ok_or_else(|| p.err("is missing `port`").with_field(p.join("port")))?.port()?;
             let protocol = match p.get("protocol") {
@@ -673,15 +675,24 @@ fn legacy_endpoints(c: &Cursor, key: ObjectKey) -> Result<EndpointSlice, Located
                     Protocol::parse(s).ok_or_else(|| pc.err(format!("unknown protocol {s:?}")))?
                 }
             };
-            let ep = EndpointPort { name: p.opt_str("name")?.unwrap_or("").to_string(), protocol, port };
-            if !ports.contains(&ep) {
-                ports.push(ep);
+            ports.push(EndpointPort { name: p.opt_str("name")?.unwrap_or("").to_string(), protocol, port });
+        }
+        for (family, address_type) in [(IpFamily::V4, AddressType::IPv4), (IpFamily::V6, AddressType::IPv6)] {
+            let eps: Vec<Endpoint> = endpoints.iter().filter(|e| IpFamily::of(&e.address) == family).cloned().collect();
+            if eps.is_empty() {
+                continue;
             }
+            out.push(EndpointSlice {
+                key: ObjectKey::new(key.namespace.clone(), format!("{}/subset-{n}-{family:?}", key.name)),
+                service: key.name.clone(),
+                address_type,
+                endpoints: eps,
+                ports: ports.clone(),
+                from_legacy_endpoints: true,
+            });
         }
     }
-    let address_type = if family == Some(IpFamily::V6) { AddressType::IPv6 } else { AddressType::IPv4 };
-    endpoints.retain(|e| IpFamily::of(&e.address) == family.unwrap_or(IpFamily::V4));
-    Ok(EndpointSlice { service: key.name.clone(), key, address_type, endpoints, ports, from_legacy_endpoints: true })
+    Ok(out)
 }
 
 fn node(c: &Cursor, name: String) -> Result<Node, Located> {

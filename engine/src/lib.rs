@@ -21,6 +21,7 @@ pub mod input;
 pub mod model;
 pub mod policy;
 pub mod render;
+pub mod synthetic;
 pub mod trace;
 
 mod api;

@@ -321,7 +321,14 @@ fn node_port_addresses(
         IpFamily::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpFamily::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
     };
-    let mut out: Vec<IpAddr> = ips.iter().chain(std::iter::once(&loopback)).copied().filter(|ip| cidrs.iter().any(|c| c.contains(ip))).collect();
+    // Localhost NodePorts exist only in iptables mode, IPv4 (route_localnet).
+    let localhost = backend == Backend::Iptables && family == IpFamily::V4 && cfg.localhost_node_ports;
+    let mut out: Vec<IpAddr> = ips
+        .iter()
+        .chain(localhost.then_some(&loopback))
+        .copied()
+        .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+        .collect();
     out.dedup();
     NodePortAddresses::Only(out)
 }

@@ -53,30 +53,33 @@ pub enum LoadProblem {
     Input(#[from] Problem),
 }
 
-/// Reads every path into one cluster, or returns every problem found.
+/// Reads every path into one cluster, or returns every problem found, in the order of the paths.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
     let mut problems = Vec::new();
-    let files = files(paths, &mut problems);
+    let mut files = Vec::new();
     let mut objects = Vec::new();
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut notes = Vec::new();
-    for file in &files {
-        let text = match fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(source) => {
-                problems.push(LoadProblem::Io { path: file.clone(), source });
-                continue;
-            }
-        };
-        match input::parse(&file.display().to_string(), &text) {
-            Ok(parsed) => {
-                objects.extend(parsed.objects);
-                for (kind, n) in parsed.skipped_kinds {
-                    *skipped.entry(kind).or_default() += n;
+    for path in paths {
+        for file in self::files(std::slice::from_ref(path), &mut problems) {
+            let text = match fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(source) => {
+                    problems.push(LoadProblem::Io { path: file, source });
+                    continue;
                 }
-                notes.extend(parsed.warnings);
+            };
+            match input::parse(&file.display().to_string(), &text) {
+                Ok(parsed) => {
+                    objects.extend(parsed.objects);
+                    for (kind, n) in parsed.skipped_kinds {
+                        *skipped.entry(kind).or_default() += n;
+                    }
+                    notes.extend(parsed.warnings);
+                }
+                Err(found) => problems.extend(found.into_iter().map(LoadProblem::Input)),
             }
-            Err(found) => problems.extend(found.into_iter().map(LoadProblem::Input)),
+            files.push(file);
         }
     }
     if !problems.is_empty() {

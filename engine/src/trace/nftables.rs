@@ -1361,7 +1361,7 @@ impl Program {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Destination, TraceRequest};
+    use crate::{Destination, TraceRequest};
     use crate::cluster::Cluster;
     use crate::policy::Backend;
 
@@ -1377,7 +1377,7 @@ mod tests {
             protocol: Protocol::Tcp,
             seed: 1,
         };
-        crate::api::trace(cluster, &req).unwrap()
+        crate::trace(cluster, &req).unwrap()
     }
 
     fn eps(t: &Trace) -> Vec<String> {

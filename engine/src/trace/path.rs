@@ -24,7 +24,7 @@ pub struct Topology {
 impl Topology {
     pub fn from_cluster(c: &Cluster) -> Self {
         let mut endpoints = BTreeMap::new();
-        for s in c.endpoint_slices.values().chain(c.legacy_endpoints.values()) {
+        for s in c.endpoint_slices.values().chain(c.legacy_endpoints.values().flatten()) {
             for e in &s.endpoints {
                 endpoints.entry(e.address).or_insert((e.node_name.clone(), e.target.clone()));
             }

@@ -1,0 +1,146 @@
+//! Invariants over random clusters: what the tracer says about the rendered program agrees with
+//! the cluster, and incremental transactions land exactly on the new program.
+
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+use switchyard_engine::{Destination, TraceRequest, trace};
+use switchyard_engine::cluster::Cluster;
+use switchyard_engine::model::*;
+use switchyard_engine::policy::{self, Backend};
+use switchyard_engine::render::nftables;
+use switchyard_engine::synthetic;
+use switchyard_engine::trace::Verdict;
+
+/// A service: (type 0-3, ETP Local, ITP Local, endpoints as (node 0-2, ready, serving, terminating)).
+type SvcSpec = (u8, bool, bool, Vec<(u8, bool, bool, bool)>);
+
+fn build(specs: &[SvcSpec]) -> Cluster {
+    let mut c = synthetic::cluster(0, 0);
+    for (i, (ty, etp, itp, eps)) in specs.iter().enumerate() {
+        let i = i as u32;
+        let mut s = synthetic::service(i);
+        s.service_type = match ty {
+            0 => ServiceType::ClusterIP,
+            1 => ServiceType::NodePort,
+            _ => ServiceType::LoadBalancer,
+        };
+        if s.service_type == ServiceType::ClusterIP {
+            s.ports[0].node_port = None;
+            s.load_balancer_ingress.clear();
+        } else {
+            s.ports[0].node_port = Some(30000 + i as u16);
+        }
+        if s.service_type != ServiceType::LoadBalancer {
+            s.load_balancer_ingress.clear();
+        } else if s.load_balancer_ingress.is_empty() {
+            s.load_balancer_ingress.push(LoadBalancerIngress { ip: Some(format!("34.0.0.{}", i + 1).parse().unwrap()), hostname: None, ip_mode_proxy: false });
+        }
+        s.external_traffic_policy_local = *etp;
+        s.internal_traffic_policy_local = *itp;
+        let mut sl = synthetic::slice(i, eps.len() as u32, 0);
+        for (e, (node, ready, serving, terminating)) in sl.endpoints.iter_mut().zip(eps) {
+            let names = ["node-a", "node-b", "node-c"];
+            e.node_name = Some(names[*node as usize].into());
+            e.ready = *ready;
+            e.serving = *serving || *ready;
+            e.terminating = *terminating && !*ready;
+        }
+        c.services.insert(s.key.clone(), s);
+        c.endpoint_slices.insert(sl.key.clone(), sl);
+    }
+    c
+}
+
+fn spec() -> impl Strategy<Value = Vec<SvcSpec>> {
+    prop::collection::vec(
+        (0u8..3, any::<bool>(), any::<bool>(), prop::collection::vec((0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..5)),
+        1..6,
+    )
+}
+
+fn probe(c: &Cluster, backend: Backend, from: &str, to: String) -> switchyard_engine::trace::Trace {
+    let req = TraceRequest {
+        node: "node-a".into(),
+        backend,
+        program: None,
+        from: from.parse().unwrap(),
+        to: to.parse::<Destination>().unwrap(),
+        protocol: Protocol::Tcp,
+        seed: 7,
+    };
+    trace(c, &req).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// From a local pod, a ClusterIP (Cluster policy) reaches exactly its ready endpoints (or,
+    /// with none ready, its serving-terminating ones), with probabilities summing to 1.
+    #[test]
+    fn every_ready_endpoint_is_reachable(specs in spec()) {
+        let c = build(&specs);
+        for backend in [Backend::Nftables, Backend::Iptables] {
+            for (i, (_, _, itp, _)) in specs.iter().enumerate() {
+                let svc = synthetic::service(i as u32);
+                if *itp || svc.ports[0].protocol != Protocol::Tcp {
+                    continue;
+                }
+                let sl = &c.endpoint_slices[&synthetic::slice(i as u32, 0, 0).key];
+                let mut want: BTreeSet<String> = sl.endpoints.iter().filter(|e| e.ready).map(|e| format!("{}:8080", e.address)).collect();
+                if want.is_empty() {
+                    want = sl.endpoints.iter().filter(|e| e.serving && e.terminating).map(|e| format!("{}:8080", e.address)).collect();
+                }
+                let t = probe(&c, backend, "10.1.0.99", format!("{}:80", svc.cluster_ips[0]));
+                if want.is_empty() {
+                    prop_assert_eq!(t.verdict, Verdict::Reject);
+                } else {
+                    prop_assert_eq!(t.verdict, Verdict::Forward);
+                    let got: BTreeSet<String> = t.outcomes.iter().map(|o| o.endpoint.to_string()).collect();
+                    prop_assert_eq!(got, want);
+                    let sum: f64 = t.outcomes.iter().map(|o| o.probability).sum();
+                    prop_assert!((sum - 1.0).abs() < 1e-6, "probabilities sum to {}", sum);
+                }
+            }
+        }
+    }
+
+    /// Outcome probabilities sum to 1 for every kind of source and destination.
+    #[test]
+    fn probabilities_sum_to_one(specs in spec(), src in prop::sample::select(vec!["10.1.0.99", "10.2.0.5", "192.168.0.1", "203.0.113.9"])) {
+        let c = build(&specs);
+        for backend in [Backend::Nftables, Backend::Iptables] {
+            for (i, _) in specs.iter().enumerate() {
+                let svc = &c.services[&synthetic::service(i as u32).key];
+                let mut dests = vec![format!("{}:80", svc.cluster_ips[0])];
+                if let Some(np) = svc.ports[0].node_port { dests.push(format!("192.168.0.1:{np}")); }
+                dests.extend(svc.load_balancer_ips().map(|ip| format!("{ip}:80")));
+                for d in dests {
+                    let t = probe(&c, backend, src, d);
+                    if t.verdict == Verdict::Forward {
+                        let sum: f64 = t.outcomes.iter().map(|o| o.probability).sum();
+                        prop_assert!((sum - 1.0).abs() < 1e-6);
+                    } else {
+                        prop_assert!(t.outcomes.is_empty());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applying the incremental transaction to the old program yields the new program.
+    #[test]
+    fn incremental_lands_on_new_program(a in spec(), b in spec()) {
+        let (old, new) = (build(&a), build(&b));
+        let (po, pn) = (policy::plan(&old, "node-a", Backend::Nftables), policy::plan(&new, "node-a", Backend::Nftables));
+        let text = format!("{}{}", nftables::render(&po), nftables::render_incremental(&po, &pn));
+        let applied = switchyard_engine::trace::nftables::parse_ruleset(&text).unwrap();
+        let want = nftables::ruleset(&pn);
+        // Comments on elements that kept their value are not rewritten; compare the program.
+        let strip = |mut rs: nftables::Ruleset| {
+            for t in rs.values_mut() { for s in t.sets.values_mut() { for e in s.elements.values_mut() { e.comment = None; } } }
+            rs
+        };
+        prop_assert_eq!(strip(applied), strip(want));
+    }
+}
