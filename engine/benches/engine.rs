@@ -42,10 +42,15 @@ fn bench(c: &mut Criterion) {
         dst_port: 80,
         protocol: Protocol::Tcp,
     };
-    let nft = switchyard_engine::trace::nftables::Program::parse(&render::nftables::render(&plan)).expect("parses");
-    g.bench_function("nftables trace", |b| b.iter(|| path::trace(&nft, &ctx, &topo, black_box(packet), "nftables", 1)));
-    let ipt = switchyard_engine::trace::iptables::Program::parse(&render::iptables::render(&iplan)).expect("parses");
-    g.bench_function("iptables trace", |b| b.iter(|| path::trace(&ipt, &ctx, &topo, black_box(packet), "iptables", 1)));
+    g.bench_function("nftables trace", |b| {
+        let nft = switchyard_engine::trace::nftables::Program::parse(&render::nftables::render(&plan)).expect("parses");
+        b.iter(|| path::trace(&nft, &ctx, &topo, black_box(packet), "nftables", 1))
+    });
+    g.bench_function("iptables trace", |b| {
+        let ipt =
+            switchyard_engine::trace::iptables::Program::parse(&render::iptables::render(&iplan)).expect("parses");
+        b.iter(|| path::trace(&ipt, &ctx, &topo, black_box(packet), "iptables", 1))
+    });
     g.finish();
 }
 

@@ -125,9 +125,18 @@ pub fn trace(cluster: &Cluster, req: &TraceRequest) -> Result<Trace> {
         Some(p) => p.clone(),
         None => render(cluster, &req.node, req.backend)?,
     };
-    let ctx = NodeContext { node: req.node.clone(), addresses: cluster.nodes.get(&req.node).map(|n| n.ips()).unwrap_or_default() };
+    let ctx = NodeContext {
+        node: req.node.clone(),
+        addresses: cluster.nodes.get(&req.node).map(|n| n.ips()).unwrap_or_default(),
+    };
     let topo = Topology::from_cluster(cluster);
-    let packet = Packet { src: req.from, src_port: 40000 + (req.seed % 20000) as u16, dst: dst.ip, dst_port: dst.port, protocol: req.protocol };
+    let packet = Packet {
+        src: req.from,
+        src_port: 40000 + (req.seed % 20000) as u16,
+        dst: dst.ip,
+        dst_port: dst.port,
+        protocol: req.protocol,
+    };
     let mut t = match req.backend {
         Backend::Nftables => {
             let prog = crate::trace::nftables::Program::parse(&text).map_err(Error::Nftables)?;
@@ -161,7 +170,10 @@ fn external_name_trace(node: &str, req: &TraceRequest, r: dns::Resolution, port:
         outcomes: Vec::new(),
         hops: vec![
             crate::trace::Hop::new("dns", format!("{} is a CNAME to {target}", r.fqdn)),
-            crate::trace::Hop::new("client", format!("connects to {target}:{port} directly; the proxy is not involved")),
+            crate::trace::Hop::new(
+                "client",
+                format!("connects to {target}:{port} directly; the proxy is not involved"),
+            ),
         ],
         packet: Packet { src: req.from, src_port: 40000, dst: unspecified, dst_port: port, protocol: req.protocol },
         node: node.to_string(),

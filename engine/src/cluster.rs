@@ -86,10 +86,9 @@ impl Cluster {
     pub fn service_of(r: &ObjectRef, cluster: &Cluster) -> Option<ObjectKey> {
         match r {
             ObjectRef::Service(k) | ObjectRef::Endpoints(k) => Some(k.clone()),
-            ObjectRef::EndpointSlice(k) => cluster
-                .endpoint_slices
-                .get(k)
-                .map(|s| ObjectKey::new(k.namespace.clone(), s.service.clone())),
+            ObjectRef::EndpointSlice(k) => {
+                cluster.endpoint_slices.get(k).map(|s| ObjectKey::new(k.namespace.clone(), s.service.clone()))
+            }
             _ => None,
         }
     }

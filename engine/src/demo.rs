@@ -450,8 +450,20 @@ pub fn sample_packets() -> Vec<SamplePacket> {
         ("ClusterIP across nodes: a pod on node-3 calls nginx-svc", "node-3", pod3, "10.96.0.10:80", Tcp),
         ("By DNS name: a pod on node-2 calls nginx-svc", "node-2", pod2, "nginx-svc.default.svc.cluster.local:80", Tcp),
         ("From the node itself: node-2 calls nginx-svc", "node-2", node2, "10.96.0.10:80", Tcp),
-        ("NodePort from outside to node-3, which has no nginx pod", "node-3", INTERNET_CLIENT, "192.168.1.13:30080", Tcp),
-        ("LoadBalancer: a client on the internet through 34.101.12.7", "node-1", INTERNET_CLIENT, "34.101.12.7:80", Tcp),
+        (
+            "NodePort from outside to node-3, which has no nginx pod",
+            "node-3",
+            INTERNET_CLIENT,
+            "192.168.1.13:30080",
+            Tcp,
+        ),
+        (
+            "LoadBalancer: a client on the internet through 34.101.12.7",
+            "node-1",
+            INTERNET_CLIENT,
+            "34.101.12.7:80",
+            Tcp,
+        ),
         ("Hairpin: echo's pod calls its own Service", "node-3", echo_pod, "10.96.0.20:80", Tcp),
         ("ExternalName: my-db is only a DNS CNAME", "node-1", pod1, "my-db.default.svc.cluster.local:5432", Tcp),
         ("DNS over UDP: a pod on node-2 asks kube-dns", "node-2", pod2, "10.96.0.53:53", Udp),
@@ -460,15 +472,34 @@ pub fn sample_packets() -> Vec<SamplePacket> {
         ("Unknown port of a cluster IP is rejected", "node-1", pod1, "10.96.0.10:443", Tcp),
         ("internalTrafficPolicy Local: node-local-dns on node-1", "node-1", pod1, "10.96.0.54:53", Udp),
         ("internalTrafficPolicy Local: no node-local-dns pod on node-3, dropped", "node-3", pod3, "10.96.0.54:53", Udp),
-        ("externalTrafficPolicy Local: ingress on node-1 keeps the client IP", "node-1", INTERNET_CLIENT, "34.101.12.8:443", Tcp),
-        ("externalTrafficPolicy Local: node-2 has no ingress pod, dropped", "node-2", INTERNET_CLIENT, "34.101.12.8:443", Tcp),
+        (
+            "externalTrafficPolicy Local: ingress on node-1 keeps the client IP",
+            "node-1",
+            INTERNET_CLIENT,
+            "34.101.12.8:443",
+            Tcp,
+        ),
+        (
+            "externalTrafficPolicy Local: node-2 has no ingress pod, dropped",
+            "node-2",
+            INTERNET_CLIENT,
+            "34.101.12.8:443",
+            Tcp,
+        ),
         ("healthCheckNodePort: the load balancer asks node-2", "node-2", HEALTH_CHECKER, "192.168.1.12:32080", Tcp),
-        ("loadBalancerSourceRanges: the office may reach admin-dashboard", "node-2", OFFICE_CLIENT, "34.101.12.9:443", Tcp),
+        (
+            "loadBalancerSourceRanges: the office may reach admin-dashboard",
+            "node-2",
+            OFFICE_CLIENT,
+            "34.101.12.9:443",
+            Tcp,
+        ),
         ("loadBalancerSourceRanges: anyone else is dropped", "node-2", INTERNET_CLIENT, "34.101.12.9:443", Tcp),
     ]
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly; `unwrap` is the point
 mod tests {
     use std::collections::BTreeSet;
 
@@ -525,7 +556,8 @@ mod tests {
         assert_eq!(db.external_name.as_deref(), Some("db.example.com"));
         assert!(!db.is_proxied());
 
-        let pods: Vec<_> = c.endpoint_slices.values().filter(|s| s.service == "nginx-svc").flat_map(|s| &s.endpoints).collect();
+        let pods: Vec<_> =
+            c.endpoint_slices.values().filter(|s| s.service == "nginx-svc").flat_map(|s| &s.endpoints).collect();
         let got: Vec<_> = pods.iter().map(|e| (e.address, e.node_name.as_deref(), e.target.as_deref())).collect();
         assert_eq!(
             got,
@@ -618,6 +650,18 @@ mod tests {
         }
     }
 
+    /// Both backends write a program for every demo node.
+    #[test]
+    fn every_node_renders() {
+        let c = cluster();
+        for node in ["node-1", "node-2", "node-3"] {
+            for backend in [Backend::Nftables, Backend::Iptables] {
+                let program = crate::render(&c, node, backend).unwrap();
+                assert!(program.contains("10.96.0.10"), "{node} {backend:?}");
+            }
+        }
+    }
+
     /// Every sample flow names a real node, a destination `--to` accepts, and a name DNS resolves.
     #[test]
     fn sample_packets_are_well_formed() {
@@ -628,7 +672,9 @@ mod tests {
         for (title, node, from, to, _) in &samples {
             assert!(c.nodes.contains_key(*node), "{title}: {node}");
             match to.parse::<crate::Destination>().unwrap() {
-                crate::Destination::Addr(a) => assert_eq!(a.ip.is_ipv4(), from.is_ipv4(), "{title}"),
+                crate::Destination::Addr(a) => {
+                    assert_eq!(a.ip.is_ipv4(), from.is_ipv4(), "{title}")
+                }
                 crate::Destination::Name { name, .. } => {
                     assert!(crate::dns::resolve(&c, &name).is_some(), "{title}: {name}")
                 }

@@ -20,7 +20,10 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     /// A legacy `Endpoints` object, as one slice per subset and family.
-    Endpoints { key: ObjectKey, subsets: Vec<EndpointSlice> },
+    Endpoints {
+        key: ObjectKey,
+        subsets: Vec<EndpointSlice>,
+    },
     Node(Node),
     ServiceCidr(ServiceCidr),
     ProxyConfig(ProxyConfig),
@@ -119,9 +122,7 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
             continue;
         }
         let mut results = Vec::new();
-        if doc.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List"))
-            && doc.get("items").is_some()
-        {
+        if doc.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List")) && doc.get("items").is_some() {
             match doc.get("items") {
                 Some(Value::Array(items)) => {
                     for (n, item) in items.iter().enumerate() {
@@ -214,11 +215,7 @@ impl<'v> Cursor<'v> {
     }
     fn port(&self) -> Result<u16, Located> {
         let n = self.int()?;
-        if (1..=65535).contains(&n) {
-            Ok(n as u16)
-        } else {
-            Err(self.err(format!("port {n} is outside 1-65535")))
-        }
+        if (1..=65535).contains(&n) { Ok(n as u16) } else { Err(self.err(format!("port {n} is outside 1-65535"))) }
     }
     fn opt_port(&self, key: &str) -> Result<Option<u16>, Located> {
         match self.get(key) {
@@ -232,11 +229,9 @@ impl<'v> Cursor<'v> {
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(c) => match c.v {
-                Value::Array(items) => Ok(items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| Cursor { v, path: format!("{}[{i}]", c.path) })
-                    .collect()),
+                Value::Array(items) => {
+                    Ok(items.iter().enumerate().map(|(i, v)| Cursor { v, path: format!("{}[{i}]", c.path) }).collect())
+                }
                 other => Err(c.err(format!("expected a list, found {}", kind_of(other)))),
             },
         }
@@ -254,10 +249,7 @@ impl<'v> Cursor<'v> {
                     Value::Bool(b) => b.to_string(),
                     Value::Number(n) => n.to_string(),
                     other => {
-                        return Err(Located::field(
-                            &c.join(k),
-                            format!("expected a string, found {}", kind_of(other)),
-                        ));
+                        return Err(Located::field(&c.join(k), format!("expected a string, found {}", kind_of(other))));
                     }
                 };
                 out.insert(k.clone(), s);
@@ -348,7 +340,11 @@ fn object(v: &Value, prefix: &str, out: &mut Parsed) -> Result<Option<Object>, L
     };
     let needs_name = |what: &str| -> Result<(), Located> {
         if name.is_empty() {
-            Err(Located { object: Some(what.to_string()), field: Some(c.join("metadata.name")), message: "is required".into() })
+            Err(Located {
+                object: Some(what.to_string()),
+                field: Some(c.join("metadata.name")),
+                message: "is required".into(),
+            })
         } else {
             Ok(())
         }
@@ -411,7 +407,10 @@ fn service(c: &Cursor, key: ObjectKey) -> Result<Service, Located> {
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => ServiceType::ExternalName,
         Some(other) => {
-            return Err(spec.get("type").map(|t| t.err(format!("unknown service type {other:?}"))).unwrap_or_else(|| spec.err("bad type")));
+            return Err(spec
+                .get("type")
+                .map(|t| t.err(format!("unknown service type {other:?}")))
+                .unwrap_or_else(|| spec.err("bad type")));
         }
     };
     let mut headless = false;
@@ -477,7 +476,10 @@ fn service(c: &Cursor, key: ObjectKey) -> Result<Service, Located> {
                 None | Some("VIP") => false,
                 Some("Proxy") => true,
                 Some(other) => {
-                    return Err(i.get("ipMode").map(|m| m.err(format!("unknown ipMode {other:?} (VIP or Proxy)"))).unwrap_or_else(|| i.err("bad ipMode")));
+                    return Err(i
+                        .get("ipMode")
+                        .map(|m| m.err(format!("unknown ipMode {other:?} (VIP or Proxy)")))
+                        .unwrap_or_else(|| i.err("bad ipMode")));
                 }
             };
             load_balancer_ingress.push(LoadBalancerIngress {
@@ -522,10 +524,8 @@ fn service(c: &Cursor, key: ObjectKey) -> Result<Service, Located> {
     let session_affinity_timeout = match spec.opt_str("sessionAffinity")? {
         None | Some("None") | Some("") => None,
         Some("ClientIP") => {
-            let t = spec
-                .get("sessionAffinityConfig")
-                .and_then(|s| s.get("clientIP"))
-                .and_then(|s| s.get("timeoutSeconds"));
+            let t =
+                spec.get("sessionAffinityConfig").and_then(|s| s.get("clientIP")).and_then(|s| s.get("timeoutSeconds"));
             match t {
                 None => Some(10800),
                 Some(t) => {
@@ -538,7 +538,10 @@ fn service(c: &Cursor, key: ObjectKey) -> Result<Service, Located> {
             }
         }
         Some(other) => {
-            return Err(spec.get("sessionAffinity").map(|s| s.err(format!("unknown sessionAffinity {other:?} (None or ClientIP)"))).unwrap_or_else(|| spec.err("bad sessionAffinity")));
+            return Err(spec
+                .get("sessionAffinity")
+                .map(|s| s.err(format!("unknown sessionAffinity {other:?} (None or ClientIP)")))
+                .unwrap_or_else(|| spec.err("bad sessionAffinity")));
         }
     };
     Ok(Service {
@@ -827,7 +830,10 @@ fn proxy_config(c: &Cursor) -> Result<ProxyConfig, Located> {
     {
         const SCHEDULERS: [&str; 11] = ["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"];
         if !SCHEDULERS.contains(&s) {
-            return Err(ipvs.get("scheduler").map(|x| x.err(format!("unknown IPVS scheduler {s:?}"))).unwrap_or_else(|| ipvs.err("bad scheduler")));
+            return Err(ipvs
+                .get("scheduler")
+                .map(|x| x.err(format!("unknown IPVS scheduler {s:?}")))
+                .unwrap_or_else(|| ipvs.err("bad scheduler")));
         }
         cfg.ipvs_scheduler = s.to_string();
     }

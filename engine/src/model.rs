@@ -166,8 +166,7 @@ impl Service {
     /// `ExternallyAccessible` in kube-proxy: NodePort and LoadBalancer services, and any service with
     /// external IPs.
     pub fn externally_accessible(&self) -> bool {
-        matches!(self.service_type, ServiceType::NodePort | ServiceType::LoadBalancer)
-            || !self.external_ips.is_empty()
+        matches!(self.service_type, ServiceType::NodePort | ServiceType::LoadBalancer) || !self.external_ips.is_empty()
     }
 
     pub fn load_balancer_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {

@@ -45,11 +45,7 @@ pub struct ServicePortName {
 
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.port.is_empty() {
-            write!(f, "{}", self.service)
-        } else {
-            write!(f, "{}:{}", self.service, self.port)
-        }
+        if self.port.is_empty() { write!(f, "{}", self.service) } else { write!(f, "{}:{}", self.service, self.port) }
     }
 }
 
@@ -237,8 +233,7 @@ pub fn plan(cluster: &Cluster, node: &str, backend: Backend) -> NodePlan {
                 services.push(plan_port(svc, port, cluster_ip, family, svc_slices, node, zone.as_deref(), primary_ip));
             }
         }
-        let has_v6 = family == IpFamily::V6
-            && (!services.is_empty() || !fam_ips.is_empty());
+        let has_v6 = family == IpFamily::V6 && (!services.is_empty() || !fam_ips.is_empty());
         if family == IpFamily::V6 && !has_v6 {
             continue;
         }
@@ -246,7 +241,8 @@ pub fn plan(cluster: &Cluster, node: &str, backend: Backend) -> NodePlan {
 
         let local_detector = match cfg.detect_local_mode {
             LocalMode::ClusterCidr => {
-                let c: Vec<IpNet> = cfg.cluster_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
+                let c: Vec<IpNet> =
+                    cfg.cluster_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
                 if c.is_empty() { LocalDetector::None } else { LocalDetector::Cidrs(c) }
             }
             LocalMode::NodeCidr => {
@@ -386,14 +382,11 @@ fn plan_port(
     let externally_accessible = svc.externally_accessible();
     let internal_policy_local = svc.internal_traffic_policy_local;
     let external_policy_local = externally_accessible && svc.external_traffic_policy_local;
-    let c = categorize(&endpoints, &hints, internal_policy_local, external_policy_local, externally_accessible, node, zone);
+    let c =
+        categorize(&endpoints, &hints, internal_policy_local, external_policy_local, externally_accessible, node, zone);
 
-    let source_ranges: Vec<IpNet> = svc
-        .load_balancer_source_ranges
-        .iter()
-        .copied()
-        .filter(|n| IpFamily::of_net(n) == family)
-        .collect();
+    let source_ranges: Vec<IpNet> =
+        svc.load_balancer_source_ranges.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
     // kube-proxy checks its primary node IP only.
     let source_range_lb_self = source_ranges.iter().any(|r| primary_ip.is_some_and(|ip| r.contains(&ip)));
     let of_family = |ips: &mut dyn Iterator<Item = IpAddr>| -> Vec<IpAddr> {

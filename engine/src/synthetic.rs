@@ -46,7 +46,11 @@ pub fn service(i: u32) -> Service {
         }],
         external_ips: Vec::new(),
         load_balancer_ingress: if service_type == ServiceType::LoadBalancer {
-            vec![LoadBalancerIngress { ip: Some(v4(34, (i >> 16) as u8, (i >> 8) as u8, i as u8)), hostname: None, ip_mode_proxy: false }]
+            vec![LoadBalancerIngress {
+                ip: Some(v4(34, (i >> 16) as u8, (i >> 8) as u8, i as u8)),
+                hostname: None,
+                ip_mode_proxy: false,
+            }]
         } else {
             Vec::new()
         },
@@ -85,7 +89,11 @@ pub fn slice(i: u32, endpoints: u32, generation: u32) -> EndpointSlice {
                 }
             })
             .collect(),
-        ports: vec![EndpointPort { name: "http".into(), protocol: if i % 7 == 0 { Protocol::Udp } else { Protocol::Tcp }, port: 8080 }],
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: if i % 7 == 0 { Protocol::Udp } else { Protocol::Tcp },
+            port: 8080,
+        }],
         from_legacy_endpoints: false,
     }
 }

@@ -4,13 +4,13 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use switchyard_engine::{Destination, TraceRequest, trace};
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::model::*;
 use switchyard_engine::policy::{self, Backend};
 use switchyard_engine::render::nftables;
 use switchyard_engine::synthetic;
 use switchyard_engine::trace::Verdict;
+use switchyard_engine::{Destination, TraceRequest, trace};
 
 /// A service: (type 0-3, ETP Local, ITP Local, endpoints as (node 0-2, ready, serving, terminating)).
 type SvcSpec = (u8, bool, bool, Vec<(u8, bool, bool, bool)>);
@@ -34,7 +34,11 @@ fn build(specs: &[SvcSpec]) -> Cluster {
         if s.service_type != ServiceType::LoadBalancer {
             s.load_balancer_ingress.clear();
         } else if s.load_balancer_ingress.is_empty() {
-            s.load_balancer_ingress.push(LoadBalancerIngress { ip: Some(format!("34.0.0.{}", i + 1).parse().unwrap()), hostname: None, ip_mode_proxy: false });
+            s.load_balancer_ingress.push(LoadBalancerIngress {
+                ip: Some(format!("34.0.0.{}", i + 1).parse().unwrap()),
+                hostname: None,
+                ip_mode_proxy: false,
+            });
         }
         s.external_traffic_policy_local = *etp;
         s.internal_traffic_policy_local = *itp;
@@ -54,7 +58,12 @@ fn build(specs: &[SvcSpec]) -> Cluster {
 
 fn spec() -> impl Strategy<Value = Vec<SvcSpec>> {
     prop::collection::vec(
-        (0u8..3, any::<bool>(), any::<bool>(), prop::collection::vec((0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..5)),
+        (
+            0u8..3,
+            any::<bool>(),
+            any::<bool>(),
+            prop::collection::vec((0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..5),
+        ),
         1..6,
     )
 }

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use switchyard_engine::cluster::Cluster;
@@ -21,7 +21,7 @@ use crate::load::{self, LoadError};
 
 /// Routes Kubernetes Service traffic the way kube-proxy does, and shows every packet's way.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard", version, about)]
+#[command(name = "switchyard", version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -209,8 +209,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
             let trace = trace(&cluster, &a)?;
             let text = match a.output {
                 Output::Json => {
-                    let mut s = serde_json::to_string_pretty(&trace)
-                        .map_err(|e| Error::Output(io::Error::other(e)))?;
+                    let mut s = serde_json::to_string_pretty(&trace).map_err(|e| Error::Output(io::Error::other(e)))?;
                     s.push('\n');
                     s
                 }
@@ -241,14 +240,12 @@ fn cluster(source: &Source, err: &mut dyn Write) -> Result<Cluster, Error> {
 
 /// The engine's built-in demo cluster.
 fn demo_cluster() -> Result<Cluster, Error> {
-    // PENDING(engine::demo): becomes `Ok(switchyard_engine::demo::cluster())` once it lands.
-    Err(Error::Unavailable("the built-in demo cluster (--demo)"))
+    Ok(switchyard_engine::demo::cluster())
 }
 
 /// The trace as a Mermaid sequence diagram.
-fn mermaid(_trace: &Trace) -> Result<String, Error> {
-    // PENDING(engine::flow): becomes `Ok(switchyard_engine::flow::mermaid(trace))` once it lands.
-    Err(Error::Unavailable("--output mermaid"))
+fn mermaid(trace: &Trace) -> Result<String, Error> {
+    Ok(switchyard_engine::flow::mermaid(trace))
 }
 
 /// Builds the engine's request from the arguments and traces it.
@@ -274,14 +271,14 @@ pub fn trace(cluster: &Cluster, a: &TraceArgs) -> Result<Trace, Error> {
     })
 }
 
-fn read_program(path: &PathBuf) -> Result<String, Error> {
+fn read_program(path: &Path) -> Result<String, Error> {
     let read = if path.as_os_str() == "-" {
         let mut s = String::new();
         io::stdin().read_to_string(&mut s).map(|_| s)
     } else {
         std::fs::read_to_string(path)
     };
-    read.map_err(|source| Error::ReadProgram { path: path.clone(), source })
+    read.map_err(|source| Error::ReadProgram { path: path.to_path_buf(), source })
 }
 
 /// `--to node-3:30080`: a name that is no Service but is a node stands for the node's primary
@@ -315,7 +312,7 @@ pub fn text(t: &Trace, asked: &Destination) -> String {
         let _ = writeln!(s, "outcomes");
         for o in &t.outcomes {
             let masq = if o.masquerade { "masquerade: yes" } else { "masquerade: no" };
-            let _ = write!(s, "  {:>7.2}%  {:<24} {masq}", o.probability * 100.0, o.endpoint.to_string());
+            let _ = write!(s, "  {:>7.2}%  {:<24} {masq:<15}", o.probability * 100.0, o.endpoint.to_string());
             if let Some(n) = &o.node {
                 let _ = write!(s, "  node {n}");
             }
@@ -356,8 +353,20 @@ mod tests {
     /// The contract's trace line parses, with its defaults.
     #[test]
     fn trace_arguments_and_defaults() {
-        let cli = parse(&["trace", "--cluster", "a", "--cluster", "b", "--node", "n", "--from", "10.0.0.1", "--to", "10.96.0.10:80"])
-            .expect("parses");
+        let cli = parse(&[
+            "trace",
+            "--cluster",
+            "a",
+            "--cluster",
+            "b",
+            "--node",
+            "n",
+            "--from",
+            "10.0.0.1",
+            "--to",
+            "10.96.0.10:80",
+        ])
+        .expect("parses");
         let Command::Trace(t) = cli.command else { panic!("not trace") };
         assert_eq!(t.source.cluster, vec![PathBuf::from("a"), PathBuf::from("b")]);
         assert_eq!(t.backend, BackendArg::Nftables);
@@ -416,7 +425,13 @@ mod tests {
         let t = Trace {
             verdict: Verdict::Forward,
             outcomes: vec![
-                Outcome { endpoint: ep("10.180.0.1:80"), probability: 0.5, masquerade: true, node: Some("n1".into()), pod: None },
+                Outcome {
+                    endpoint: ep("10.180.0.1:80"),
+                    probability: 0.5,
+                    masquerade: true,
+                    node: Some("n1".into()),
+                    pod: None,
+                },
                 Outcome { endpoint: ep("10.180.2.1:80"), probability: 0.5, masquerade: false, node: None, pod: None },
             ],
             hops: vec![

@@ -92,7 +92,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
 
 fn skipped_line(kind: &str, n: usize) -> String {
     let objects = if n == 1 { "object" } else { "objects" };
-    format!("skipped {n} {objects} of kind {kind}: Switchyard routes by Services, EndpointSlices, Nodes and ServiceCIDRs only")
+    format!(
+        "skipped {n} {objects} of kind {kind}: Switchyard routes by Services, EndpointSlices, Nodes and ServiceCIDRs only"
+    )
 }
 
 /// The files the paths name, each path's files sorted; a missing path or an empty folder is a

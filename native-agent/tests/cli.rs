@@ -116,7 +116,10 @@ fn malformed_yaml_exits_2_with_located_lines() {
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
     assert!(lines[0].contains("malformed.yaml: document 2: Service default/bad-ip: field spec.clusterIP"), "{err}");
-    assert!(lines[1].contains("malformed.yaml: document 3: Service default/bad-port: field spec.ports[0].port"), "{err}");
+    assert!(
+        lines[1].contains("malformed.yaml: document 3: Service default/bad-port: field spec.ports[0].port"),
+        "{err}"
+    );
 
     // A YAML syntax error in a folder: every file's problems, each located.
     let folder = data("malformed");
@@ -166,7 +169,8 @@ fn dns_name_destination() {
     assert!(v["hops"].to_string().contains("db.example.com"), "{:#}", v["hops"]);
     // An unknown name is bad input.
     let cluster = data("cluster");
-    let o = run(&["trace", "--cluster", &cluster, "--node", "node-1", "--from", "10.244.1.5", "--to", "nope.default:80"]);
+    let o =
+        run(&["trace", "--cluster", &cluster, "--node", "node-1", "--from", "10.244.1.5", "--to", "nope.default:80"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
@@ -191,7 +195,8 @@ fn program_file() {
     let args = ["--from", "10.244.1.5", "--to", "10.96.0.10:80"];
     let rendered = trace_json(&args);
     let mut with_program = args.to_vec();
-    with_program.extend_from_slice(&["--program", &file.0.to_str().expect("utf-8 path")]);
+    let path = file.path();
+    with_program.extend_from_slice(&["--program", &path]);
     let given = trace_json(&with_program);
     assert_eq!(given["verdict"], rendered["verdict"]);
     assert_eq!(endpoints(&given), endpoints(&rendered));
@@ -206,7 +211,19 @@ fn program_file() {
 
     let garbage = TempFile::new("garbage.nft", "this is not a ruleset {\n");
     let path = garbage.path();
-    let o = run(&["trace", "--cluster", &cluster, "--node", "node-1", "--from", "10.244.1.5", "--to", "10.96.0.10:80", "--program", &path]);
+    let o = run(&[
+        "trace",
+        "--cluster",
+        &cluster,
+        "--node",
+        "node-1",
+        "--from",
+        "10.244.1.5",
+        "--to",
+        "10.96.0.10:80",
+        "--program",
+        &path,
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--program"), "{}", stderr(&o));
 }
@@ -221,4 +238,49 @@ fn text_output() {
     assert!(s.contains("verdict  forward"), "{s}");
     assert!(s.contains("50.00%") && s.contains("10.244.2.15:8080") && s.contains("masquerade: no"), "{s}");
     assert!(s.contains(" 1. "), "{s}");
+}
+
+/// `--demo` needs no files: the contract's nginx-svc answers at 10.96.0.10:80 from node-1.
+#[test]
+fn demo_cluster() {
+    let o = run(&[
+        "trace",
+        "--demo",
+        "--node",
+        "node-1",
+        "--from",
+        "10.244.1.50",
+        "--to",
+        "10.96.0.10:80",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    assert_eq!(v["verdict"], "forward");
+    assert_eq!(endpoints(&v), ["10.244.1.10:8080", "10.244.2.15:8080"]);
+    let o = run(&["render", "--demo", "--node", "node-3", "--backend", "iptables"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("*nat"), "{}", stdout(&o));
+}
+
+/// `--output mermaid` prints a Mermaid sequence diagram.
+#[test]
+fn mermaid_output() {
+    let cluster = data("cluster");
+    let o = run(&[
+        "trace",
+        "--cluster",
+        &cluster,
+        "--node",
+        "node-2",
+        "--from",
+        "203.0.113.9",
+        "--to",
+        "node-2:30080",
+        "--output",
+        "mermaid",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("sequenceDiagram"), "{}", stdout(&o));
 }

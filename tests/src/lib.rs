@@ -2,9 +2,12 @@
 //!
 //! - [`scenario`] finds scenario folders (`cluster.yaml` + `probes.tsv`), reads their probes and
 //!   checks one probe against the engine with the same rules as `contract-check/run.py`;
+//! - [`changes`] makes the small cluster changes (endpoint removed, service removed and added,
+//!   endpoint added) that incremental programs are tested with;
 //! - [`netns`] runs kernel tools inside throwaway network namespaces that are deleted on every
 //!   exit path, and says why kernel tests must be skipped on this machine.
 
+pub mod changes;
 pub mod netns;
 pub mod scenario;
 

@@ -78,9 +78,13 @@ impl Drop for Netns {
 
 /// Deletes `sy-t-<pid>-*` namespaces whose process is gone (a run killed before its guards ran).
 fn sweep_stale() {
-    let Ok(list) = run("ip", &["netns", "list"], None) else { return };
+    let Ok(list) = run("ip", &["netns", "list"], None) else {
+        return;
+    };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else { continue };
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
+            continue;
+        };
         if !std::path::Path::new("/proc").join(pid).exists() {
             let _ = run("ip", &["netns", "delete", name], None);
         }

@@ -36,7 +36,10 @@ pub fn scenarios(root: &Path) -> Vec<Scenario> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.join("probes.tsv").is_file())
-        .map(|dir| Scenario { name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), dir })
+        .map(|dir| Scenario {
+            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dir,
+        })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -121,7 +124,9 @@ pub fn parse_probes(text: &str) -> Result<Vec<Probe>, String> {
                 "yes" => Some(true),
                 "no" => Some(false),
                 "-" => None,
-                other => return Err(err(format!("masquerade must be yes, no or -, not {other:?}"))),
+                other => {
+                    return Err(err(format!("masquerade must be yes, no or -, not {other:?}")));
+                }
             },
         });
     }

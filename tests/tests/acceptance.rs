@@ -5,6 +5,7 @@
 //! probe fails. Run with `-- --nocapture` to see the table when everything passes.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 
 use switchyard_engine::policy::Backend;
@@ -19,8 +20,9 @@ fn run_corpus(root: &Path) -> Vec<String> {
     let mut failures = Vec::new();
     let mut totals: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let width = scenarios.iter().map(|s| s.name.len()).max().unwrap_or(8).max(8);
-    println!("\nscenarios in {}", root.display());
-    println!("{:<width$}  {:>9}  {:>9}  {:>9}", "scenario", "nftables", "iptables", "ipvs");
+    // One print at the end: tests run in parallel and their lines would interleave.
+    let mut table = format!("\nscenarios in {}\n", root.display());
+    let _ = writeln!(table, "{:<width$}  {:>9}  {:>9}  {:>9}", "scenario", "nftables", "iptables", "ipvs");
     for s in &scenarios {
         let counts = run_scenario(s, &mut failures);
         let mut row = format!("{:<width$}", s.name);
@@ -30,19 +32,20 @@ fn run_corpus(root: &Path) -> Vec<String> {
             t.0 += pass;
             t.1 += total;
             let cell = if total == 0 { "-".to_string() } else { format!("{pass}/{total}") };
-            row.push_str(&format!("  {cell:>9}"));
+            let _ = write!(row, "  {cell:>9}");
         }
-        println!("{row}");
+        let _ = writeln!(table, "{row}");
     }
     let mut row = format!("{:<width$}", "total");
     for b in BACKENDS {
         let (pass, total) = totals.get(b.as_str()).copied().unwrap_or((0, 0));
-        row.push_str(&format!("  {:>9}", format!("{pass}/{total}")));
+        let _ = write!(row, "  {:>9}", format!("{pass}/{total}"));
     }
-    println!("{row}");
+    let _ = writeln!(table, "{row}");
     for f in &failures {
-        println!("FAIL {f}");
+        let _ = writeln!(table, "FAIL {f}");
     }
+    print!("{table}");
     failures
 }
 

@@ -131,12 +131,18 @@ pub fn sections(text: &str) -> Vec<(IpFamily, String)> {
 pub fn builtin_jumps(family: IpFamily) -> Vec<(&'static str, String)> {
     let _ = family; // the same in both families
     let mut out = Vec::new();
+    let line = |f: &dyn Fn(&mut String)| {
+        let mut s = String::new();
+        f(&mut s);
+        s.truncate(s.trim_end().len());
+        s
+    };
     for (chain, target, comment) in [
         ("PREROUTING", SERVICES_CHAIN, "switchyard service portals"),
         ("OUTPUT", SERVICES_CHAIN, "switchyard service portals"),
         ("POSTROUTING", POSTROUTING_CHAIN, "switchyard postrouting rules"),
     ] {
-        out.push(("nat", Line::new(chain).comment(comment).j(target)));
+        out.push(("nat", line(&|b| Line::new(b, chain).comment(format_args!("{comment}")).j(target))));
     }
     // Order as kube-proxy leaves them (it prepends each jump): the firewall first, then the
     // forwarding accept before the verdicts.
@@ -153,11 +159,13 @@ pub fn builtin_jumps(family: IpFamily) -> Vec<(&'static str, String)> {
         ("OUTPUT", SERVICES_CHAIN, "switchyard service portals", true),
         ("OUTPUT", FIREWALL_CHAIN, "switchyard localnet firewall", false),
     ] {
-        let mut l = Line::new(chain).comment(comment);
-        if new_only {
-            l = l.m("-m conntrack --ctstate NEW");
-        }
-        out.push(("filter", l.j(target)));
+        out.push((
+            "filter",
+            line(&|b| {
+                let l = Line::new(b, chain).comment(format_args!("{comment}"));
+                if new_only { l.m("-m conntrack --ctstate NEW").j(target) } else { l.j(target) }
+            }),
+        ));
     }
     out
 }
@@ -208,32 +216,36 @@ impl Names {
         }
     }
 
-    /// kube-proxy's `servicePortEndpointChainName`: the endpoint written `ip:port` (`[ip]:port`).
-    fn sep(&self, p: &ServicePortPlan, ep: &SocketAddr) -> String {
-        format!("SWITCHYARD-SEP-{}", hash(&[&self.label, p.protocol.as_str(), &ep.to_string()]))
+    /// kube-proxy's `servicePortEndpointChainName`, from the endpoint written `ip:port`
+    /// (`[ip]:port`).
+    fn sep(&self, p: &ServicePortPlan, endpoint: &str) -> String {
+        format!("SWITCHYARD-SEP-{}", hash(&[&self.label, p.protocol.as_str(), endpoint]))
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Rule lines
 
-/// One `-A CHAIN ...` line, built in the order `iptables-save` prints a rule (addresses,
-/// protocol, then matches in the order they were given, then the target), so that what the kernel
-/// prints back reads like what we wrote.
-struct Line(String);
+/// Writes one `-A CHAIN ...` line into a chain's buffer, in the order `iptables-save` prints a
+/// rule (addresses, protocol, then matches in the order given, then the target), so that what
+/// the kernel prints back reads like what we wrote.
+struct Line<'b> {
+    buf: &'b mut String,
+}
 
-impl Line {
-    fn new(chain: &str) -> Self {
-        let mut s = String::with_capacity(160);
-        s.push_str("-A ");
-        s.push_str(chain);
-        Line(s)
+impl<'b> Line<'b> {
+    fn new(buf: &'b mut String, chain: &str) -> Self {
+        buf.push_str("-A ");
+        buf.push_str(chain);
+        Line { buf }
     }
-    fn addr(mut self, flag: &str, negated: bool, net: &IpNet) -> Self {
-        if negated {
-            self.0.push_str(" !");
-        }
-        let _ = write!(self.0, " {flag} {}", net.trunc());
+    fn addr(self, flag: &str, negated: bool, net: &IpNet) -> Self {
+        let _ = write!(self.buf, "{} {flag} {}", if negated { " !" } else { "" }, net.trunc());
+        self
+    }
+    fn host(self, flag: &str, ip: IpAddr) -> Self {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        let _ = write!(self.buf, " {flag} {ip}/{len}");
         self
     }
     fn src(self, net: &IpNet) -> Self {
@@ -243,7 +255,7 @@ impl Line {
         self.addr("-s", true, net)
     }
     fn src_ip(self, ip: IpAddr) -> Self {
-        self.addr("-s", false, &IpNet::from(ip))
+        self.host("-s", ip)
     }
     fn dst(self, net: &IpNet) -> Self {
         self.addr("-d", false, net)
@@ -252,46 +264,64 @@ impl Line {
         self.addr("-d", true, net)
     }
     fn dst_ip(self, ip: IpAddr) -> Self {
-        self.addr("-d", false, &IpNet::from(ip))
+        self.host("-d", ip)
     }
-    fn proto(mut self, p: Protocol) -> Self {
-        self.0.push_str(" -p ");
-        self.0.push_str(p.as_str());
+    fn proto(self, p: Protocol) -> Self {
+        self.buf.push_str(" -p ");
+        self.buf.push_str(p.as_str());
         self
     }
-    fn comment(mut self, c: &str) -> Self {
-        self.0.push_str(" -m comment --comment \"");
-        let mut len = 0;
-        for ch in c.chars() {
-            len += ch.len_utf8();
-            if len > MAX_COMMENT {
-                break;
+    /// `-m comment --comment "..."`, quoted, escaped and cut to iptables' limit.
+    fn comment(self, text: std::fmt::Arguments) -> Self {
+        self.buf.push_str(" -m comment --comment \"");
+        let start = self.buf.len();
+        let _ = self.buf.write_fmt(text);
+        let written = &self.buf[start..];
+        if written.len() > MAX_COMMENT || written.bytes().any(|b| matches!(b, b'"' | b'\\' | b'\n' | b'\r')) {
+            let raw = self.buf.split_off(start);
+            let mut len = 0;
+            for ch in raw.chars() {
+                let ch = if ch == '\n' || ch == '\r' { ' ' } else { ch };
+                len += ch.len_utf8();
+                if len > MAX_COMMENT {
+                    break;
+                }
+                if ch == '"' || ch == '\\' {
+                    self.buf.push('\\');
+                }
+                self.buf.push(ch);
             }
-            if ch == '"' || ch == '\\' {
-                self.0.push('\\');
-            }
-            self.0.push(ch);
         }
-        self.0.push('"');
+        self.buf.push('"');
         self
     }
-    fn dport(mut self, p: Protocol, port: u16) -> Self {
-        let _ = write!(self.0, " -m {p} --dport {port}");
+    fn dport(self, p: Protocol, port: u16) -> Self {
+        let _ = write!(self.buf, " -m {p} --dport {port}");
         self
     }
-    fn m(mut self, text: &str) -> Self {
-        self.0.push(' ');
-        self.0.push_str(text);
+    fn m(self, text: &str) -> Self {
+        self.buf.push(' ');
+        self.buf.push_str(text);
         self
     }
-    fn j(mut self, target: &str) -> String {
-        self.0.push_str(" -j ");
-        self.0.push_str(target);
-        self.0
+    fn m_fmt(self, text: std::fmt::Arguments) -> Self {
+        self.buf.push(' ');
+        let _ = self.buf.write_fmt(text);
+        self
+    }
+    fn j(self, target: &str) {
+        self.buf.push_str(" -j ");
+        self.buf.push_str(target);
+        self.buf.push('\n');
+    }
+    fn j_fmt(self, target: std::fmt::Arguments) {
+        self.buf.push_str(" -j ");
+        let _ = self.buf.write_fmt(target);
+        self.buf.push('\n');
     }
     /// A rule with no target: it only counts (and documents).
-    fn done(self) -> String {
-        self.0
+    fn done(self) {
+        self.buf.push('\n');
     }
 }
 
@@ -310,7 +340,11 @@ impl<'a> Fam<'a> {
         Fam {
             plan,
             mark: format!("{:#x}", plan.masquerade_mark),
-            reject: if v6 { "REJECT --reject-with icmp6-port-unreachable" } else { "REJECT --reject-with icmp-port-unreachable" },
+            reject: if v6 {
+                "REJECT --reject-with icmp6-port-unreachable"
+            } else {
+                "REJECT --reject-with icmp-port-unreachable"
+            },
             recent_mask: if v6 { "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" } else { "255.255.255.255" },
         }
     }
@@ -338,7 +372,7 @@ fn no_endpoints_text(v: FilterVerdict, policy: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // One service port
 
-/// The chains a service port shares with the others, in the order they are listed in a table.
+/// The chains a service port shares with the others.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Shared {
     NatServices = 0,
@@ -372,16 +406,22 @@ impl Shared {
     }
 }
 
-/// A chain and its rules (full `-A` lines).
+/// A chain and its rules: `-A` lines, each ending in a newline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Chain {
     name: String,
-    rules: Vec<String>,
+    rules: String,
+}
+
+impl Chain {
+    fn new(name: &str) -> Self {
+        Chain { name: name.to_string(), rules: String::new() }
+    }
 }
 
 /// Everything one service port contributes: rules in the shared chains, and its own nat chains.
 struct PortRules {
-    shared: [Vec<String>; 6],
+    shared: [String; 6],
     chains: Vec<Chain>,
 }
 
@@ -390,44 +430,38 @@ fn uses_fw(p: &ServicePortPlan) -> bool {
 }
 
 /// Appends the rules `p` adds to one shared chain.
-fn shared_rules(f: &Fam, p: &ServicePortPlan, n: &Names, which: Shared, out: &mut Vec<String>) {
+fn shared_rules(f: &Fam, p: &ServicePortPlan, n: &Names, which: Shared, out: &mut String) {
     let label = &n.label;
     match which {
         Shared::NatServices => {
             if p.internal_endpoints().is_some() {
                 let target = if p.internal_policy_local { &n.svl } else { &n.svc };
-                out.push(
-                    Line::new(SERVICES_CHAIN)
-                        .dst_ip(p.cluster_ip)
-                        .proto(p.protocol)
-                        .comment(&format!("{label} cluster IP"))
-                        .dport(p.protocol, p.port)
-                        .j(target),
-                );
+                Line::new(out, SERVICES_CHAIN)
+                    .dst_ip(p.cluster_ip)
+                    .proto(p.protocol)
+                    .comment(format_args!("{label} cluster IP"))
+                    .dport(p.protocol, p.port)
+                    .j(target);
             }
             // With no endpoints anywhere only the filter table acts (kube-proxy's
             // `usesExternalTrafficChain`).
             if p.captures_external() {
                 for ip in &p.external_ips {
-                    out.push(
-                        Line::new(SERVICES_CHAIN)
-                            .dst_ip(*ip)
-                            .proto(p.protocol)
-                            .comment(&format!("{label} external IP"))
-                            .dport(p.protocol, p.port)
-                            .j(&n.ext),
-                    );
+                    Line::new(out, SERVICES_CHAIN)
+                        .dst_ip(*ip)
+                        .proto(p.protocol)
+                        .comment(format_args!("{label} external IP"))
+                        .dport(p.protocol, p.port)
+                        .j(&n.ext);
                 }
                 let lb_target = if uses_fw(p) { &n.fw } else { &n.ext };
                 for ip in &p.load_balancer_ips {
-                    out.push(
-                        Line::new(SERVICES_CHAIN)
-                            .dst_ip(*ip)
-                            .proto(p.protocol)
-                            .comment(&format!("{label} loadBalancer IP"))
-                            .dport(p.protocol, p.port)
-                            .j(lb_target),
-                    );
+                    Line::new(out, SERVICES_CHAIN)
+                        .dst_ip(*ip)
+                        .proto(p.protocol)
+                        .comment(format_args!("{label} loadBalancer IP"))
+                        .dport(p.protocol, p.port)
+                        .j(lb_target);
                 }
             }
         }
@@ -436,26 +470,22 @@ fn shared_rules(f: &Fam, p: &ServicePortPlan, n: &Names, which: Shared, out: &mu
                 && p.captures_external()
             {
                 // NodePorts are not subject to loadBalancerSourceRanges (as in kube-proxy).
-                out.push(
-                    Line::new(NODEPORTS_CHAIN)
-                        .proto(p.protocol)
-                        .comment(&format!("{label} nodePort"))
-                        .dport(p.protocol, np)
-                        .j(&n.ext),
-                );
+                Line::new(out, NODEPORTS_CHAIN)
+                    .proto(p.protocol)
+                    .comment(format_args!("{label} nodePort"))
+                    .dport(p.protocol, np)
+                    .j(&n.ext);
             }
         }
         Shared::FilterServices => {
             if let Some(v) = p.internal_filter() {
                 let what = no_endpoints_text(v, "internalTrafficPolicy");
-                out.push(
-                    Line::new(SERVICES_CHAIN)
-                        .dst_ip(p.cluster_ip)
-                        .proto(p.protocol)
-                        .comment(&format!("{label} cluster IP {what}"))
-                        .dport(p.protocol, p.port)
-                        .j(f.verdict(v)),
-                );
+                Line::new(out, SERVICES_CHAIN)
+                    .dst_ip(p.cluster_ip)
+                    .proto(p.protocol)
+                    .comment(format_args!("{label} cluster IP {what}"))
+                    .dport(p.protocol, p.port)
+                    .j(f.verdict(v));
             }
         }
         Shared::FilterExternal => {
@@ -463,54 +493,54 @@ fn shared_rules(f: &Fam, p: &ServicePortPlan, n: &Names, which: Shared, out: &mu
                 let what = no_endpoints_text(v, "externalTrafficPolicy");
                 for (ips, field) in [(&p.external_ips, "external IP"), (&p.load_balancer_ips, "loadBalancer IP")] {
                     for ip in ips {
-                        out.push(
-                            Line::new(EXTERNAL_SERVICES_CHAIN)
-                                .dst_ip(*ip)
-                                .proto(p.protocol)
-                                .comment(&format!("{label} {field} {what}"))
-                                .dport(p.protocol, p.port)
-                                .j(f.verdict(v)),
-                        );
+                        Line::new(out, EXTERNAL_SERVICES_CHAIN)
+                            .dst_ip(*ip)
+                            .proto(p.protocol)
+                            .comment(format_args!("{label} {field} {what}"))
+                            .dport(p.protocol, p.port)
+                            .j(f.verdict(v));
                     }
                 }
                 if let Some(np) = p.node_port {
-                    out.push(
-                        Line::new(EXTERNAL_SERVICES_CHAIN)
-                            .proto(p.protocol)
-                            .comment(&format!("{label} nodePort {what}"))
-                            .m("-m addrtype --dst-type LOCAL")
-                            .dport(p.protocol, np)
-                            .j(f.verdict(v)),
-                    );
+                    Line::new(out, EXTERNAL_SERVICES_CHAIN)
+                        .proto(p.protocol)
+                        .comment(format_args!("{label} nodePort {what}"))
+                        .m("-m addrtype --dst-type LOCAL")
+                        .dport(p.protocol, np)
+                        .j(f.verdict(v));
                 }
             }
         }
         Shared::FilterNodePorts => {
             if let Some(hc) = p.health_check_node_port {
-                out.push(
-                    Line::new(NODEPORTS_CHAIN)
-                        .proto(Protocol::Tcp)
-                        .comment(&format!("{label} healthCheckNodePort"))
-                        .dport(Protocol::Tcp, hc)
-                        .j("ACCEPT"),
-                );
+                Line::new(out, NODEPORTS_CHAIN)
+                    .proto(Protocol::Tcp)
+                    .comment(format_args!("{label} healthCheckNodePort"))
+                    .dport(Protocol::Tcp, hc)
+                    .j("ACCEPT");
             }
         }
         Shared::FilterFirewall => {
             if uses_fw(p) {
                 for ip in &p.load_balancer_ips {
-                    out.push(
-                        Line::new(PROXY_FIREWALL_CHAIN)
-                            .dst_ip(*ip)
-                            .proto(p.protocol)
-                            .comment(&format!("{label} loadBalancerSourceRanges: traffic not accepted by {}", n.fw))
-                            .dport(p.protocol, p.port)
-                            .j("DROP"),
-                    );
+                    Line::new(out, PROXY_FIREWALL_CHAIN)
+                        .dst_ip(*ip)
+                        .proto(p.protocol)
+                        .comment(format_args!("{label} loadBalancerSourceRanges: traffic not accepted by {}", n.fw))
+                        .dport(p.protocol, p.port)
+                        .j("DROP");
                 }
             }
         }
     }
+}
+
+/// One endpoint of a service port, with the strings its rules use.
+struct Sep {
+    addr: SocketAddr,
+    /// `ip:port` / `[ip]:port`
+    text: String,
+    chain: String,
 }
 
 /// The nat chains that belong to one service port: SVC, SVL, EXT, FW and one SEP per endpoint.
@@ -520,183 +550,175 @@ fn own_chains(f: &Fam, p: &ServicePortPlan, n: &Names) -> Vec<Chain> {
         return chains;
     }
     let label = &n.label;
-    let ep_addr = |e: &crate::policy::PlannedEndpoint| SocketAddr { ip: e.ip, port: e.port };
 
     // The SEP chain of every endpoint either policy chain uses.
-    let mut seps: Vec<(SocketAddr, String)> = Vec::new();
+    let mut seps: Vec<Sep> = Vec::with_capacity(p.cluster_endpoints.len());
     for e in p.cluster_endpoints.iter().chain(&p.local_endpoints) {
-        let a = ep_addr(e);
-        if !seps.iter().any(|(x, _)| *x == a) {
-            seps.push((a, n.sep(p, &a)));
+        let addr = SocketAddr { ip: e.ip, port: e.port };
+        if !seps.iter().any(|s| s.addr == addr) {
+            let text = addr.to_string();
+            let chain = n.sep(p, &text);
+            seps.push(Sep { addr, text, chain });
         }
     }
-    let sep_of = |a: &SocketAddr| seps.iter().find(|(x, _)| x == a).map(|(_, s)| s.as_str()).unwrap_or_default();
+    let sep_of = |e: &crate::policy::PlannedEndpoint| seps.iter().find(|s| s.addr.ip == e.ip && s.addr.port == e.port);
 
     // Masquerade for cluster IP traffic, in whichever chain the cluster IP leads to.
-    let internal_masq = |chain: &str| -> Option<String> {
-        let base = Line::new(chain);
+    let internal_masq = |out: &mut String, chain: &str| {
         if f.plan.masquerade_all {
-            return Some(
-                base.dst_ip(p.cluster_ip)
-                    .proto(p.protocol)
-                    .comment(&format!("{label} cluster IP: masqueradeAll"))
-                    .dport(p.protocol, p.port)
-                    .j(MARK_MASQ_CHAIN),
-            );
+            Line::new(out, chain)
+                .dst_ip(p.cluster_ip)
+                .proto(p.protocol)
+                .comment(format_args!("{label} cluster IP: masqueradeAll"))
+                .dport(p.protocol, p.port)
+                .j(MARK_MASQ_CHAIN);
+            return;
         }
         // Off-cluster traffic to a cluster IP (a static route to a node) may bounce to another
         // node, so it is masqueraded (kube-proxy's `localDetector.IfNotLocal`).
+        let comment = format_args!("{label} cluster IP: masquerade traffic from outside the cluster");
         match &f.plan.local_detector {
-            LocalDetector::None => None,
-            LocalDetector::Cidrs(cidrs) if cidrs.len() == 1 => Some(
-                base.not_src(&cidrs[0])
-                    .dst_ip(p.cluster_ip)
-                    .proto(p.protocol)
-                    .comment(&format!("{label} cluster IP: masquerade traffic from outside the cluster"))
-                    .dport(p.protocol, p.port)
-                    .j(MARK_MASQ_CHAIN),
-            ),
-            LocalDetector::Cidrs(_) => Some(
-                base.dst_ip(p.cluster_ip)
-                    .proto(p.protocol)
-                    .comment(&format!("{label} cluster IP: masquerade traffic from outside the cluster"))
-                    .dport(p.protocol, p.port)
-                    .j(MASQ_NOT_LOCAL_CHAIN),
-            ),
+            LocalDetector::None => {}
+            LocalDetector::Cidrs(cidrs) if cidrs.len() == 1 => Line::new(out, chain)
+                .not_src(&cidrs[0])
+                .dst_ip(p.cluster_ip)
+                .proto(p.protocol)
+                .comment(comment)
+                .dport(p.protocol, p.port)
+                .j(MARK_MASQ_CHAIN),
+            LocalDetector::Cidrs(_) => Line::new(out, chain)
+                .dst_ip(p.cluster_ip)
+                .proto(p.protocol)
+                .comment(comment)
+                .dport(p.protocol, p.port)
+                .j(MASQ_NOT_LOCAL_CHAIN),
         }
     };
 
-    let internal_chain_is_local = p.internal_policy_local;
     let has_internal = p.internal_endpoints().is_some();
     for (local, eps, name) in [(false, &p.cluster_endpoints, &n.svc), (true, &p.local_endpoints, &n.svl)] {
         if eps.is_empty() {
             continue;
         }
-        let mut rules = Vec::with_capacity(eps.len() * 2 + 1);
-        if has_internal
-            && internal_chain_is_local == local
-            && let Some(r) = internal_masq(name)
-        {
-            rules.push(r);
+        let mut c = Chain::new(name);
+        c.rules.reserve(eps.len() * 170 + 200);
+        if has_internal && p.internal_policy_local == local {
+            internal_masq(&mut c.rules, name);
         }
         if let Some(t) = p.affinity_timeout {
-            for e in eps.iter() {
-                let a = ep_addr(e);
-                let sep = sep_of(&a);
-                rules.push(
-                    Line::new(name)
-                        .comment(&format!("{label} -> {a} sessionAffinity=ClientIP"))
-                        .m(&format!("-m recent --rcheck --seconds {t} --reap --name {sep} --mask {} --rsource", f.recent_mask))
-                        .j(sep),
-                );
+            for sep in eps.iter().filter_map(sep_of) {
+                Line::new(&mut c.rules, name)
+                    .comment(format_args!("{label} -> {} sessionAffinity=ClientIP", sep.text))
+                    .m_fmt(format_args!(
+                        "-m recent --rcheck --seconds {t} --reap --name {} --mask {} --rsource",
+                        sep.chain, f.recent_mask
+                    ))
+                    .j(&sep.chain);
             }
         }
         let count = eps.len();
-        for (i, e) in eps.iter().enumerate() {
-            let a = ep_addr(e);
-            let mut l = Line::new(name).comment(&format!("{label} -> {a}"));
+        for (i, sep) in eps.iter().filter_map(sep_of).enumerate() {
+            let l = Line::new(&mut c.rules, name).comment(format_args!("{label} -> {}", sep.text));
             if i + 1 < count {
-                l = l.m(&format!("-m statistic --mode random --probability {}", probability(count - i)));
+                l.m_fmt(format_args!("-m statistic --mode random --probability {}", probability(count - i)))
+                    .j(&sep.chain);
+            } else {
+                l.j(&sep.chain);
             }
-            rules.push(l.j(sep_of(&a)));
         }
-        chains.push(Chain { name: name.clone(), rules });
+        chains.push(c);
     }
 
     if p.captures_external() {
-        let mut rules = Vec::new();
+        let mut c = Chain::new(&n.ext);
+        let out = &mut c.rules;
         if !p.external_policy_local {
             // Cluster policy may cross nodes, so the reply must come back through this one.
-            rules.push(
-                Line::new(&n.ext)
-                    .comment(&format!("{label} externalTrafficPolicy=Cluster: masquerade external traffic"))
-                    .j(MARK_MASQ_CHAIN),
-            );
+            Line::new(out, &n.ext)
+                .comment(format_args!("{label} externalTrafficPolicy=Cluster: masquerade external traffic"))
+                .j(MARK_MASQ_CHAIN);
             if p.external_endpoints().is_some() {
-                rules.push(Line::new(&n.ext).comment(&format!("{label} externalTrafficPolicy=Cluster")).j(&n.svc));
+                Line::new(out, &n.ext).comment(format_args!("{label} externalTrafficPolicy=Cluster")).j(&n.svc);
             }
         } else {
             // Pods going to an external address behave as if they went out to the load balancer
             // and came back: no traffic policy applies (kube-proxy's `IfLocal` short-circuit).
             if let LocalDetector::Cidrs(cidrs) = &f.plan.local_detector {
-                for c in cidrs {
-                    rules.push(
-                        Line::new(&n.ext)
-                            .src(c)
-                            .comment(&format!("{label} externalTrafficPolicy=Local: short-circuit pod traffic"))
-                            .j(&n.svc),
-                    );
+                for cidr in cidrs {
+                    Line::new(out, &n.ext)
+                        .src(cidr)
+                        .comment(format_args!("{label} externalTrafficPolicy=Local: short-circuit pod traffic"))
+                        .j(&n.svc);
                 }
             }
             // The node's own traffic carries a local source (maybe the LB IP itself), so it is
             // masqueraded and sent to all endpoints.
-            rules.push(
-                Line::new(&n.ext)
-                    .comment(&format!("{label} externalTrafficPolicy=Local: masquerade LOCAL traffic"))
-                    .m("-m addrtype --src-type LOCAL")
-                    .j(MARK_MASQ_CHAIN),
-            );
-            rules.push(
-                Line::new(&n.ext)
-                    .comment(&format!("{label} externalTrafficPolicy=Local: short-circuit LOCAL traffic"))
-                    .m("-m addrtype --src-type LOCAL")
-                    .j(&n.svc),
-            );
+            Line::new(out, &n.ext)
+                .comment(format_args!("{label} externalTrafficPolicy=Local: masquerade LOCAL traffic"))
+                .m("-m addrtype --src-type LOCAL")
+                .j(MARK_MASQ_CHAIN);
+            Line::new(out, &n.ext)
+                .comment(format_args!("{label} externalTrafficPolicy=Local: short-circuit LOCAL traffic"))
+                .m("-m addrtype --src-type LOCAL")
+                .j(&n.svc);
             if p.external_endpoints().is_some() {
-                rules.push(
-                    Line::new(&n.ext)
-                        .comment(&format!("{label} externalTrafficPolicy=Local: local endpoints"))
-                        .j(&n.svl),
-                );
+                Line::new(out, &n.ext)
+                    .comment(format_args!("{label} externalTrafficPolicy=Local: local endpoints"))
+                    .j(&n.svl);
             }
         }
-        chains.push(Chain { name: n.ext.clone(), rules });
+        chains.push(c);
     }
 
     if uses_fw(p) {
-        let mut rules = Vec::new();
-        for c in &p.source_ranges {
-            rules.push(Line::new(&n.fw).src(c).comment(&format!("{label} loadBalancerSourceRanges")).j(&n.ext));
+        let mut c = Chain::new(&n.fw);
+        let out = &mut c.rules;
+        for cidr in &p.source_ranges {
+            Line::new(out, &n.fw).src(cidr).comment(format_args!("{label} loadBalancerSourceRanges")).j(&n.ext);
         }
         // A node's request to a VIP assigned locally loops back with the VIP as source.
         if p.source_range_lb_self {
             for ip in &p.load_balancer_ips {
-                rules.push(
-                    Line::new(&n.fw)
-                        .src_ip(*ip)
-                        .comment(&format!("{label} loadBalancerSourceRanges: loadBalancer IP as source (a node IP is in a range)"))
-                        .j(&n.ext),
-                );
+                Line::new(out, &n.fw)
+                    .src_ip(*ip)
+                    .comment(format_args!(
+                        "{label} loadBalancerSourceRanges: loadBalancer IP as source (a node IP is in a range)"
+                    ))
+                    .j(&n.ext);
             }
         }
-        rules.push(
-            Line::new(&n.fw)
-                .comment(&format!("{label} loadBalancerSourceRanges: other traffic is dropped by {PROXY_FIREWALL_CHAIN}"))
-                .done(),
-        );
-        chains.push(Chain { name: n.fw.clone(), rules });
+        Line::new(out, &n.fw)
+            .comment(format_args!(
+                "{label} loadBalancerSourceRanges: other traffic is dropped by {PROXY_FIREWALL_CHAIN}"
+            ))
+            .done();
+        chains.push(c);
     }
 
-    for (a, sep) in &seps {
-        let mut dnat = Line::new(sep).proto(p.protocol).comment(&format!("{label} -> {a}"));
-        if p.affinity_timeout.is_some() {
-            dnat = dnat.m(&format!("-m recent --set --name {sep} --mask {} --rsource", f.recent_mask));
-        }
-        chains.push(Chain {
-            name: sep.clone(),
-            rules: vec![
-                // Hairpin: a pod reaching itself through the service must see the node as source.
-                Line::new(sep).src_ip(a.ip).comment(&format!("{label} -> {a} hairpin")).j(MARK_MASQ_CHAIN),
-                dnat.j(&format!("DNAT --to-destination {a}")),
-            ],
-        });
+    for sep in &seps {
+        let mut c = Chain::new(&sep.chain);
+        c.rules.reserve(320);
+        // Hairpin: a pod reaching itself through the service must see the node as source.
+        Line::new(&mut c.rules, &sep.chain)
+            .src_ip(sep.addr.ip)
+            .comment(format_args!("{label} -> {} hairpin", sep.text))
+            .j(MARK_MASQ_CHAIN);
+        let dnat =
+            Line::new(&mut c.rules, &sep.chain).proto(p.protocol).comment(format_args!("{label} -> {}", sep.text));
+        let dnat = if p.affinity_timeout.is_some() {
+            dnat.m_fmt(format_args!("-m recent --set --name {} --mask {} --rsource", sep.chain, f.recent_mask))
+        } else {
+            dnat
+        };
+        dnat.j_fmt(format_args!("DNAT --to-destination {}", sep.text));
+        chains.push(c);
     }
     chains
 }
 
 fn port_rules(f: &Fam, p: &ServicePortPlan) -> PortRules {
     let n = Names::of(p);
-    let mut shared: [Vec<String>; 6] = Default::default();
+    let mut shared: [String; 6] = Default::default();
     for which in SHARED {
         shared_rules(f, p, &n, which, &mut shared[which as usize]);
     }
@@ -708,27 +730,33 @@ fn port_rules(f: &Fam, p: &ServicePortPlan) -> PortRules {
 
 /// The rules a shared chain ends with, after every service's: the NodePort dispatch (nat
 /// SERVICES), and the verdicts for unknown ports and unallocated addresses (filter SERVICES).
-fn shared_tail(f: &Fam, which: Shared, out: &mut Vec<String>) {
+fn shared_tail(f: &Fam, which: Shared, out: &mut String) {
     let plan = f.plan;
     match which {
         Shared::NatServices => {
-            let comment = "switchyard service nodeports (nodePortAddresses); NOTE: this must be the last rule in this chain";
+            let comment =
+                "switchyard service nodeports (nodePortAddresses); NOTE: this must be the last rule in this chain";
             match &plan.node_port_addresses {
                 NodePortAddresses::All => {
-                    let mut l = Line::new(SERVICES_CHAIN);
+                    let l = Line::new(out, SERVICES_CHAIN);
                     // Localhost NodePorts never work for IPv6, and for IPv4 only with
                     // `localhostNodePorts` (route_localnet).
-                    if plan.family == IpFamily::V6 || !plan.localhost_node_ports {
-                        l = l.not_dst(&plan.loopback());
-                    }
-                    out.push(l.comment(comment).m("-m addrtype --dst-type LOCAL").j(NODEPORTS_CHAIN));
+                    let l = if plan.family == IpFamily::V6 || !plan.localhost_node_ports {
+                        l.not_dst(&plan.loopback())
+                    } else {
+                        l
+                    };
+                    l.comment(format_args!("{comment}")).m("-m addrtype --dst-type LOCAL").j(NODEPORTS_CHAIN);
                 }
                 NodePortAddresses::Only(ips) => {
                     for ip in ips {
                         if ip.is_loopback() && !plan.localhost_node_ports {
                             continue;
                         }
-                        out.push(Line::new(SERVICES_CHAIN).dst_ip(*ip).comment(comment).j(NODEPORTS_CHAIN));
+                        Line::new(out, SERVICES_CHAIN)
+                            .dst_ip(*ip)
+                            .comment(format_args!("{comment}"))
+                            .j(NODEPORTS_CHAIN);
                     }
                 }
             }
@@ -736,26 +764,22 @@ fn shared_tail(f: &Fam, which: Shared, out: &mut Vec<String>) {
         Shared::FilterServices => {
             // Only packets that were not DNATed get here: a cluster IP with a port the service
             // does not have, or an address of a ServiceCIDR that no service holds.
-            let mut seen: Vec<IpAddr> = Vec::new();
+            let mut seen: std::collections::HashSet<IpAddr> =
+                std::collections::HashSet::with_capacity(plan.services.len());
             for p in &plan.services {
-                if seen.contains(&p.cluster_ip) {
+                if !seen.insert(p.cluster_ip) {
                     continue;
                 }
-                seen.push(p.cluster_ip);
-                out.push(
-                    Line::new(SERVICES_CHAIN)
-                        .dst_ip(p.cluster_ip)
-                        .comment(&format!("{} cluster IP: port not in the Service", p.name.service))
-                        .j(f.reject),
-                );
+                Line::new(out, SERVICES_CHAIN)
+                    .dst_ip(p.cluster_ip)
+                    .comment(format_args!("{} cluster IP: port not in the Service", p.name.service))
+                    .j(f.reject);
             }
             for c in &plan.service_cidrs {
-                out.push(
-                    Line::new(SERVICES_CHAIN)
-                        .dst(c)
-                        .comment(&format!("ServiceCIDR {}: unallocated address", c.trunc()))
-                        .j("DROP"),
-                );
+                Line::new(out, SERVICES_CHAIN)
+                    .dst(c)
+                    .comment(format_args!("ServiceCIDR {}: unallocated address", c.trunc()))
+                    .j("DROP");
             }
         }
         _ => {}
@@ -766,94 +790,72 @@ fn shared_tail(f: &Fam, which: Shared, out: &mut Vec<String>) {
 fn global_chains(f: &Fam) -> (Vec<Chain>, Vec<Chain>) {
     let plan = f.plan;
     let mark = &f.mark;
-    let mut nat = vec![
-        Chain {
-            name: POSTROUTING_CHAIN.into(),
-            rules: vec![
-                Line::new(POSTROUTING_CHAIN)
-                    .comment("switchyard: not marked for masquerade")
-                    .m(&format!("-m mark ! --mark {mark}/{mark}"))
-                    .j("RETURN"),
-                // Clear the mark so a packet that traverses the stack again is not re-masqueraded.
-                Line::new(POSTROUTING_CHAIN)
-                    .comment("switchyard: clear the masquerade mark")
-                    .j(&format!("MARK --xor-mark {mark}")),
-                Line::new(POSTROUTING_CHAIN)
-                    .comment("switchyard service traffic requiring SNAT")
-                    .j("MASQUERADE --random-fully"),
-            ],
-        },
-        Chain {
-            name: MARK_MASQ_CHAIN.into(),
-            rules: vec![
-                Line::new(MARK_MASQ_CHAIN)
-                    .comment("switchyard: mark for masquerade (masqueradeBit)")
-                    .j(&format!("MARK --or-mark {mark}")),
-            ],
-        },
-    ];
+    let mut post = Chain::new(POSTROUTING_CHAIN);
+    Line::new(&mut post.rules, POSTROUTING_CHAIN)
+        .comment(format_args!("switchyard: not marked for masquerade"))
+        .m_fmt(format_args!("-m mark ! --mark {mark}/{mark}"))
+        .j("RETURN");
+    // Clear the mark so a packet that traverses the stack again is not re-masqueraded.
+    Line::new(&mut post.rules, POSTROUTING_CHAIN)
+        .comment(format_args!("switchyard: clear the masquerade mark"))
+        .j_fmt(format_args!("MARK --xor-mark {mark}"));
+    Line::new(&mut post.rules, POSTROUTING_CHAIN)
+        .comment(format_args!("switchyard service traffic requiring SNAT"))
+        .j("MASQUERADE --random-fully");
+    let mut mark_masq = Chain::new(MARK_MASQ_CHAIN);
+    Line::new(&mut mark_masq.rules, MARK_MASQ_CHAIN)
+        .comment(format_args!("switchyard: mark for masquerade (masqueradeBit)"))
+        .j_fmt(format_args!("MARK --or-mark {mark}"));
+    let mut nat = vec![post, mark_masq];
     if let LocalDetector::Cidrs(cidrs) = &plan.local_detector
         && cidrs.len() > 1
     {
-        let mut rules: Vec<String> = cidrs
-            .iter()
-            .map(|c| {
-                Line::new(MASQ_NOT_LOCAL_CHAIN)
-                    .src(c)
-                    .comment("switchyard: traffic from local pods (detectLocalMode) is not masqueraded")
-                    .j("RETURN")
-            })
-            .collect();
-        rules.push(
-            Line::new(MASQ_NOT_LOCAL_CHAIN)
-                .comment("switchyard: masquerade traffic from outside the cluster")
-                .j(MARK_MASQ_CHAIN),
-        );
-        nat.push(Chain { name: MASQ_NOT_LOCAL_CHAIN.into(), rules });
+        let mut c = Chain::new(MASQ_NOT_LOCAL_CHAIN);
+        for cidr in cidrs {
+            Line::new(&mut c.rules, MASQ_NOT_LOCAL_CHAIN)
+                .src(cidr)
+                .comment(format_args!("switchyard: traffic from local pods (detectLocalMode) is not masqueraded"))
+                .j("RETURN");
+        }
+        Line::new(&mut c.rules, MASQ_NOT_LOCAL_CHAIN)
+            .comment(format_args!("switchyard: masquerade traffic from outside the cluster"))
+            .j(MARK_MASQ_CHAIN);
+        nat.push(c);
     }
 
-    let mut firewall = Vec::new();
+    let mut forward = Chain::new(FORWARD_CHAIN);
+    // kubernetes issues 74839 and 117924: INVALID packets would reset connections.
+    Line::new(&mut forward.rules, FORWARD_CHAIN)
+        .comment(format_args!("switchyard: drop ctstate INVALID"))
+        .m("-m conntrack --ctstate INVALID")
+        .j("DROP");
+    Line::new(&mut forward.rules, FORWARD_CHAIN)
+        .comment(format_args!("switchyard forwarding rules: traffic marked for masquerade"))
+        .m_fmt(format_args!("-m mark --mark {mark}/{mark}"))
+        .j("ACCEPT");
+    Line::new(&mut forward.rules, FORWARD_CHAIN)
+        .comment(format_args!("switchyard forwarding conntrack rule"))
+        .m("-m conntrack --ctstate RELATED,ESTABLISHED")
+        .j("ACCEPT");
+    let mut firewall = Chain::new(FIREWALL_CHAIN);
     if plan.family == IpFamily::V4 && plan.localhost_node_ports {
         // route_localnet makes 127.0.0.1 reachable from outside; this closes that hole
         // (kubernetes issue 90259), as kubelet and kube-proxy do.
         let lo = plan.loopback();
-        firewall.push(
-            Line::new(FIREWALL_CHAIN)
-                .not_src(&lo)
-                .dst(&lo)
-                .comment("switchyard: block incoming localnet connections (localhostNodePorts)")
-                .m("-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT")
-                .j("DROP"),
-        );
+        Line::new(&mut firewall.rules, FIREWALL_CHAIN)
+            .not_src(&lo)
+            .dst(&lo)
+            .comment(format_args!("switchyard: block incoming localnet connections (localhostNodePorts)"))
+            .m("-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT")
+            .j("DROP");
     }
-    let filter = vec![
-        Chain {
-            name: FORWARD_CHAIN.into(),
-            rules: vec![
-                // kubernetes issues 74839 and 117924: INVALID packets would reset connections.
-                Line::new(FORWARD_CHAIN)
-                    .comment("switchyard: drop ctstate INVALID")
-                    .m("-m conntrack --ctstate INVALID")
-                    .j("DROP"),
-                Line::new(FORWARD_CHAIN)
-                    .comment("switchyard forwarding rules: traffic marked for masquerade")
-                    .m(&format!("-m mark --mark {mark}/{mark}"))
-                    .j("ACCEPT"),
-                Line::new(FORWARD_CHAIN)
-                    .comment("switchyard forwarding conntrack rule")
-                    .m("-m conntrack --ctstate RELATED,ESTABLISHED")
-                    .j("ACCEPT"),
-            ],
-        },
-        Chain { name: FIREWALL_CHAIN.into(), rules: firewall },
-    ];
-    (nat, filter)
+    (nat, vec![forward, firewall])
 }
 
 /// Every chain of one family: (nat, filter), shared chains first, builtin jumps excluded.
 fn family_chains(fam: &FamilyPlan) -> (Vec<Chain>, Vec<Chain>) {
     let f = Fam::new(fam);
-    let mut shared: [Vec<String>; 6] = Default::default();
+    let mut shared: [String; 6] = Default::default();
     let mut own = Vec::new();
     for p in &fam.services {
         let n = Names::of(p);
@@ -866,17 +868,19 @@ fn family_chains(fam: &FamilyPlan) -> (Vec<Chain>, Vec<Chain>) {
         shared_tail(&f, which, &mut shared[which as usize]);
     }
     let (gnat, gfilter) = global_chains(&f);
-    let mut nat = Vec::with_capacity(own.len() + 4);
-    let mut filter = Vec::new();
     let [nat_services, nat_nodeports, f_services, f_external, f_nodeports, f_firewall] = shared;
-    nat.push(Chain { name: SERVICES_CHAIN.into(), rules: nat_services });
-    nat.push(Chain { name: NODEPORTS_CHAIN.into(), rules: nat_nodeports });
+    let chain = |name: &str, rules: String| Chain { name: name.to_string(), rules };
+    let mut nat = Vec::with_capacity(own.len() + 5);
+    nat.push(chain(SERVICES_CHAIN, nat_services));
+    nat.push(chain(NODEPORTS_CHAIN, nat_nodeports));
     nat.extend(gnat);
     nat.extend(own);
-    filter.push(Chain { name: SERVICES_CHAIN.into(), rules: f_services });
-    filter.push(Chain { name: EXTERNAL_SERVICES_CHAIN.into(), rules: f_external });
-    filter.push(Chain { name: NODEPORTS_CHAIN.into(), rules: f_nodeports });
-    filter.push(Chain { name: PROXY_FIREWALL_CHAIN.into(), rules: f_firewall });
+    let mut filter = vec![
+        chain(SERVICES_CHAIN, f_services),
+        chain(EXTERNAL_SERVICES_CHAIN, f_external),
+        chain(NODEPORTS_CHAIN, f_nodeports),
+        chain(PROXY_FIREWALL_CHAIN, f_firewall),
+    ];
     filter.extend(gfilter);
     (nat, filter)
 }
@@ -893,8 +897,8 @@ fn write_full_family(node: &str, fam: &FamilyPlan, out: &mut String) {
     let jumps = builtin_jumps(fam.family);
     section_header(fam.family, node, out);
     for (table, builtins, chains) in [("nat", &NAT_BUILTINS, &nat), ("filter", &FILTER_BUILTINS, &filter)] {
-        let size: usize = chains.iter().flat_map(|c| &c.rules).map(|r| r.len() + 1).sum();
-        out.reserve(size + chains.len() * 32);
+        let size: usize = chains.iter().map(|c| c.rules.len() + c.name.len() + 8).sum();
+        out.reserve(size + 1024);
         let _ = writeln!(out, "*{table}");
         // `-` keeps a builtin chain's policy; with --noflush it also leaves its rules alone.
         for b in builtins {
@@ -910,10 +914,7 @@ fn write_full_family(node: &str, fam: &FamilyPlan, out: &mut String) {
             }
         }
         for c in chains.iter() {
-            for r in &c.rules {
-                out.push_str(r);
-                out.push('\n');
-            }
+            out.push_str(&c.rules);
         }
         out.push_str("COMMIT\n");
     }
@@ -928,8 +929,8 @@ struct TableDelta {
     /// Chains declared (created, or flushed if they exist).
     declare: Vec<String>,
     /// `-D` lines, before any rule is added.
-    delete_rules: Vec<String>,
-    rules: Vec<String>,
+    delete_rules: String,
+    rules: String,
     /// Chains deleted (`-X`) last, once nothing refers to them.
     remove: Vec<String>,
 }
@@ -940,7 +941,7 @@ impl TableDelta {
     }
     fn rewrite(&mut self, c: Chain) {
         self.declare.push(c.name);
-        self.rules.extend(c.rules);
+        self.rules.push_str(&c.rules);
     }
     fn delete(&mut self, name: String) {
         self.declare.push(name.clone());
@@ -954,10 +955,8 @@ impl TableDelta {
         for c in &self.declare {
             let _ = writeln!(out, ":{c} - [0:0]");
         }
-        for r in self.delete_rules.iter().chain(&self.rules) {
-            out.push_str(r);
-            out.push('\n');
-        }
+        out.push_str(&self.delete_rules);
+        out.push_str(&self.rules);
         for c in &self.remove {
             let _ = writeln!(out, "-X {c}");
         }
@@ -989,8 +988,10 @@ fn teardown_family(_node: &str, fam: &FamilyPlan) -> FamilyDelta {
     let (nat, filter) = family_chains(fam);
     let mut d = FamilyDelta::default();
     for (table, line) in builtin_jumps(fam.family) {
-        let del = format!("-D{}", line.strip_prefix("-A").unwrap_or(&line));
-        d.table(table == "nat").delete_rules.push(del);
+        let t = d.table(table == "nat");
+        t.delete_rules.push_str("-D");
+        t.delete_rules.push_str(line.strip_prefix("-A").unwrap_or(&line));
+        t.delete_rules.push('\n');
     }
     for c in nat {
         d.nat.delete(c.name);
@@ -1024,11 +1025,12 @@ fn same_globals(a: &FamilyPlan, b: &FamilyPlan) -> bool {
         && *service_cidrs == b.service_cidrs
 }
 
-/// Whether two plans of one service port produce the same rules: every field the renderer reads,
-/// endpoints by address only. (Destructured so that a new field cannot be forgotten here.)
+/// Whether two plans of the same service port (the caller compared names) produce the same rules:
+/// every field the renderer reads, endpoints by address only, cheapest first. (Destructured so
+/// that a new field cannot be forgotten here.)
 fn same_rules(a: &ServicePortPlan, b: &ServicePortPlan) -> bool {
     let ServicePortPlan {
-        name,
+        name: _,
         protocol,
         port,
         cluster_ip,
@@ -1047,7 +1049,8 @@ fn same_rules(a: &ServicePortPlan, b: &ServicePortPlan) -> bool {
         has_endpoints,
     } = a;
     let same_eps = |x: &[crate::policy::PlannedEndpoint], y: &[crate::policy::PlannedEndpoint]| {
-        x.len() == y.len() && x.iter().zip(y).all(|(x, y)| x.ip == y.ip && x.port == y.port)
+        x.len() == y.len()
+            && (std::ptr::eq(x.as_ptr(), y.as_ptr()) || x.iter().zip(y).all(|(x, y)| x.ip == y.ip && x.port == y.port))
     };
     *port == b.port
         && *cluster_ip == b.cluster_ip
@@ -1065,7 +1068,6 @@ fn same_rules(a: &ServicePortPlan, b: &ServicePortPlan) -> bool {
         && *externally_accessible == b.externally_accessible
         && *internal_policy_local == b.internal_policy_local
         && *external_policy_local == b.external_policy_local
-        && *name == b.name
 }
 
 /// The service ports that differ between two lists: (old, new) pairs, matched by name.
@@ -1074,47 +1076,60 @@ fn changed_ports<'a>(
     new: &'a [ServicePortPlan],
 ) -> Vec<(Option<&'a ServicePortPlan>, Option<&'a ServicePortPlan>)> {
     let mut out = Vec::new();
-    // Plans list their service ports sorted by name (policy::plan); merge them in one pass.
-    // Anything else falls back to a map.
-    let sorted = |v: &[ServicePortPlan]| v.windows(2).all(|w| w[0].name < w[1].name);
-    if !(sorted(old) && sorted(new)) {
-        let by_name: HashMap<_, _> = old.iter().map(|p| (&p.name, p)).collect();
-        let mut seen = std::collections::HashSet::new();
-        for n in new {
-            seen.insert(&n.name);
-            match by_name.get(&n.name) {
-                Some(o) if same_rules(o, n) => {}
-                o => out.push((o.copied(), Some(n))),
-            }
+    // The common case: the same service ports in the same order (an endpoint changed). Walk
+    // both lists in step without paying for an ordering check.
+    let common = old.len().min(new.len());
+    let mut i = 0;
+    while i < common && old[i].name == new[i].name {
+        if !same_rules(&old[i], &new[i]) {
+            out.push((Some(&old[i]), Some(&new[i])));
         }
-        out.extend(old.iter().filter(|o| !seen.contains(&o.name)).map(|o| (Some(o), None)));
+        i += 1;
+    }
+    if i == old.len() && i == new.len() {
         return out;
     }
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        match (old.get(i), new.get(j)) {
-            (Some(o), Some(n)) if o.name == n.name => {
-                if !same_rules(o, n) {
-                    out.push((Some(o), Some(n)));
+    let (old, new) = (&old[i..], &new[i..]);
+    // Plans list their service ports sorted by name (policy::plan): merge the rest in one pass.
+    let sorted = |v: &[ServicePortPlan]| v.windows(2).all(|w| w[0].name < w[1].name);
+    if sorted(old) && sorted(new) {
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(o), Some(n)) if o.name == n.name => {
+                    if !same_rules(o, n) {
+                        out.push((Some(o), Some(n)));
+                    }
+                    i += 1;
+                    j += 1;
                 }
-                i += 1;
-                j += 1;
+                (Some(o), Some(n)) if o.name < n.name => {
+                    out.push((Some(o), None));
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    out.push((None, Some(n)));
+                    j += 1;
+                }
+                (Some(o), None) => {
+                    out.push((Some(o), None));
+                    i += 1;
+                }
+                (None, None) => return out,
             }
-            (Some(o), Some(n)) if o.name < n.name => {
-                out.push((Some(o), None));
-                i += 1;
-            }
-            (Some(_), Some(n)) | (None, Some(n)) => {
-                out.push((None, Some(n)));
-                j += 1;
-            }
-            (Some(o), None) => {
-                out.push((Some(o), None));
-                i += 1;
-            }
-            (None, None) => break,
         }
     }
+    // Anything else: by a map.
+    let by_name: HashMap<_, _> = old.iter().map(|p| (&p.name, p)).collect();
+    let mut seen = std::collections::HashSet::new();
+    for n in new {
+        seen.insert(&n.name);
+        match by_name.get(&n.name) {
+            Some(o) if same_rules(o, n) => {}
+            o => out.push((o.copied(), Some(n))),
+        }
+    }
+    out.extend(old.iter().filter(|o| !seen.contains(&o.name)).map(|o| (Some(o), None)));
     out
 }
 
@@ -1137,8 +1152,8 @@ fn diff_family(old: &FamilyPlan, new: &FamilyPlan) -> FamilyDelta {
         let rn = n.map(|p| port_rules(&fnew, p));
         for which in SHARED {
             let i = which as usize;
-            let a = ro.as_ref().map(|r| r.shared[i].as_slice()).unwrap_or_default();
-            let b = rn.as_ref().map(|r| r.shared[i].as_slice()).unwrap_or_default();
+            let a = ro.as_ref().map(|r| r.shared[i].as_str()).unwrap_or_default();
+            let b = rn.as_ref().map(|r| r.shared[i].as_str()).unwrap_or_default();
             dirty[i] |= a != b;
         }
         // The unknown-port rejects list every cluster IP.
@@ -1150,8 +1165,8 @@ fn diff_family(old: &FamilyPlan, new: &FamilyPlan) -> FamilyDelta {
         diff_chains(old_chains, new_chains, &mut d.nat);
     }
     // A shared chain is rewritten whole from the new plan when any service's part changed.
-    let mut rewrite: Vec<(Shared, Vec<String>)> =
-        SHARED.iter().filter(|w| dirty[**w as usize]).map(|w| (*w, Vec::new())).collect();
+    let mut rewrite: Vec<(Shared, String)> =
+        SHARED.iter().filter(|w| dirty[**w as usize]).map(|w| (*w, String::new())).collect();
     if !rewrite.is_empty() {
         for p in &new.services {
             let n = Names::of(p);
@@ -1164,7 +1179,7 @@ fn diff_family(old: &FamilyPlan, new: &FamilyPlan) -> FamilyDelta {
             // Declared first in the table, as in the full program.
             let t = d.table(which.is_nat());
             t.declare.insert(0, which.chain().to_string());
-            t.rules.splice(0..0, rules);
+            t.rules.insert_str(0, &rules);
         }
     }
     d
@@ -1201,7 +1216,7 @@ fn diff_chains(old: Vec<Chain>, new: Vec<Chain>, t: &mut TableDelta) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::Cluster;
     use crate::policy::{Backend, plan};
@@ -1300,5 +1315,103 @@ ports: [{name: http, port: 80, protocol: TCP}]
     fn incremental_of_same_plan_is_empty() {
         let p = plan(&cluster(BASE), "test-node", Backend::Iptables);
         assert_eq!(render_incremental(&p, &p), "");
+    }
+
+    /// A plan of `services` ClusterIP+NodePort services with `endpoints` endpoints each.
+    pub(crate) fn big_plan(services: usize, endpoints: usize) -> NodePlan {
+        use crate::model::ObjectKey;
+        use crate::policy::{PlannedEndpoint, ServicePortName};
+        use std::net::Ipv4Addr;
+        let ep = |s: usize, e: usize| PlannedEndpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, (s >> 8) as u8, (s & 0xff) as u8, e as u8 + 1)),
+            port: 8080,
+            node: Some(format!("node-{e}")),
+            local: e == 0,
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone: None,
+            target: Some(format!("pod-{s}-{e}")),
+        };
+        let mut svcs: Vec<ServicePortPlan> = (0..services)
+            .map(|s| ServicePortPlan {
+                name: ServicePortName {
+                    service: ObjectKey::new(format!("ns{}", s % 50), format!("svc-{s:05}")),
+                    port: "http".into(),
+                    protocol: Protocol::Tcp,
+                },
+                protocol: Protocol::Tcp,
+                port: 80,
+                cluster_ip: IpAddr::V4(Ipv4Addr::new(172, 30, (s >> 8) as u8, (s & 0xff) as u8)),
+                node_port: Some(30000 + (s % 2000) as u16),
+                external_ips: Vec::new(),
+                load_balancer_ips: Vec::new(),
+                source_ranges: Vec::new(),
+                source_range_lb_self: false,
+                health_check_node_port: None,
+                affinity_timeout: None,
+                externally_accessible: true,
+                internal_policy_local: false,
+                external_policy_local: false,
+                cluster_endpoints: (0..endpoints).map(|e| ep(s, e)).collect(),
+                local_endpoints: Vec::new(),
+                has_endpoints: endpoints > 0,
+            })
+            .collect();
+        svcs.sort_by(|a, b| a.name.cmp(&b.name));
+        NodePlan {
+            node: "node-0".into(),
+            backend: crate::policy::Backend::Iptables,
+            families: vec![FamilyPlan {
+                family: IpFamily::V4,
+                node_ips: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2))],
+                local_detector: LocalDetector::Cidrs(vec!["10.0.0.0/8".parse().expect("cidr")]),
+                masquerade_all: false,
+                masquerade_mark: 0x4000,
+                node_port_addresses: NodePortAddresses::All,
+                localhost_node_ports: true,
+                service_cidrs: vec!["172.30.0.0/16".parse().expect("cidr")],
+                services: svcs,
+            }],
+        }
+    }
+
+    /// 10,000 services x 10 endpoints: the full render takes well under a second (run in
+    /// release: `cargo test --release -p switchyard-engine --lib scale -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn scale_full_render() {
+        use std::time::{Duration, Instant};
+        let plan = big_plan(10_000, 10);
+        let mut best = Duration::MAX;
+        let mut text = String::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            text = render(&plan);
+            best = best.min(t.elapsed());
+        }
+        println!("full render: {best:?}, {} bytes, {} lines", text.len(), text.lines().count());
+        assert!(best < Duration::from_secs(1), "{best:?}");
+    }
+
+    /// 10,000 services x 10 endpoints: one endpoint change is a transaction of that service's
+    /// chains only, computed in about a millisecond.
+    #[test]
+    #[ignore]
+    fn scale_incremental() {
+        use std::time::{Duration, Instant};
+        let old = big_plan(10_000, 10);
+        let mut new = old.clone();
+        new.families[0].services[4321].cluster_endpoints[3].ip = "10.250.0.1".parse().expect("ip");
+        let mut best = Duration::MAX;
+        let mut delta = String::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            delta = render_incremental(&old, &new);
+            best = best.min(t.elapsed());
+        }
+        println!("incremental: {best:?}, {} lines:\n{delta}", delta.lines().count());
+        assert_eq!(delta.matches("\n:").count(), 3, "SVC rewritten, one SEP added, one removed");
+        assert!(best < Duration::from_millis(5), "{best:?}");
     }
 }

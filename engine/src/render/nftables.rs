@@ -20,8 +20,8 @@
 //! An endpoint change is then a few element updates. Element comments name the Service and the
 //! field each element comes from.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -40,6 +40,8 @@ pub struct Set {
     /// The `type ...` or `typeof ...` line, as written.
     pub key_type: String,
     pub flags: Vec<String>,
+    /// `size N`: nft adds 65535 to a map that rules `update`, so we declare it to match.
+    pub size: Option<u32>,
     pub comment: Option<String>,
     /// Key text → element.
     pub elements: BTreeMap<String, Element>,
@@ -99,10 +101,6 @@ fn mark_hex(m: u32) -> String {
     format!("0x{m:08x}")
 }
 
-fn fmt_net(n: &IpNet) -> String {
-    if n.prefix_len() == n.max_prefix_len() { n.addr().to_string() } else { n.to_string() }
-}
-
 /// The sets and maps every program declares, with their types.
 fn declare_sets(fam: &FamilyPlan) -> BTreeMap<String, Set> {
     let n = names(fam.family);
@@ -116,6 +114,7 @@ fn declare_sets(fam: &FamilyPlan) -> BTreeMap<String, Set> {
                 map,
                 key_type,
                 flags: flags.iter().map(|s| s.to_string()).collect(),
+                size: flags.contains(&"dynamic").then_some(65535),
                 comment: Some(comment.to_string()),
                 elements: BTreeMap::new(),
             },
@@ -123,17 +122,41 @@ fn declare_sets(fam: &FamilyPlan) -> BTreeMap<String, Set> {
     };
     add("cluster-ips", false, format!("type {a}"), &[], "active cluster IPs");
     add("service-cidrs", false, format!("type {a}"), &["interval"], "ServiceCIDRs: unallocated addresses are dropped");
-    add("local-pod-cidrs", false, format!("type {a}"), &["interval"], "sources treated as local pods (detectLocalMode)");
+    add(
+        "local-pod-cidrs",
+        false,
+        format!("type {a}"),
+        &["interval"],
+        "sources treated as local pods (detectLocalMode)",
+    );
     add("nodeport-ips", false, format!("type {a}"), &[], "addresses that accept NodePorts (nodePortAddresses)");
-    add("hairpin", false, format!("type {a} . {a}"), &[], "endpoint . endpoint: a pod reaching itself through a service");
+    add(
+        "hairpin",
+        false,
+        format!("type {a} . {a}"),
+        &[],
+        "endpoint . endpoint: a pod reaching itself through a service",
+    );
     add("health-check-ports", false, "type inet_service".into(), &[], "healthCheckNodePorts");
     let ipv = format!("{a} . inet_proto . inet_service : verdict");
     add("service-ips", true, format!("type {ipv}"), &[], "cluster, external and load-balancer IPs");
     add("service-nodeports", true, "type inet_proto . inet_service : verdict".into(), &[], "NodePorts");
     add("lb-ips", true, format!("type {ipv}"), &[], "frontend → load-balancing chain for its endpoint count");
     add("lb-local-ips", true, format!("type {ipv}"), &[], "frontend → load-balancing chain for its local endpoints");
-    add("lb-nodeports", true, "type inet_proto . inet_service : verdict".into(), &[], "NodePort → load-balancing chain");
-    add("lb-local-nodeports", true, "type inet_proto . inet_service : verdict".into(), &[], "NodePort → local load-balancing chain");
+    add(
+        "lb-nodeports",
+        true,
+        "type inet_proto . inet_service : verdict".into(),
+        &[],
+        "NodePort → load-balancing chain",
+    );
+    add(
+        "lb-local-nodeports",
+        true,
+        "type inet_proto . inet_service : verdict".into(),
+        &[],
+        "NodePort → local load-balancing chain",
+    );
     let ep_ip = format!("typeof {f} daddr . meta l4proto . th dport . numgen random mod 1 : {f} daddr . tcp dport");
     let ep_np = format!("typeof meta l4proto . th dport . numgen random mod 1 : {f} daddr . tcp dport");
     add("endpoints-ips", true, ep_ip.clone(), &[], "frontend . slot → endpoint");
@@ -154,7 +177,13 @@ fn declare_sets(fam: &FamilyPlan) -> BTreeMap<String, Set> {
         &[],
         "frontends with ClientIP affinity → the chain that records it",
     );
-    add("firewall-protected", false, format!("type {a} . inet_proto . inet_service"), &[], "frontends with loadBalancerSourceRanges");
+    add(
+        "firewall-protected",
+        false,
+        format!("type {a} . inet_proto . inet_service"),
+        &[],
+        "frontends with loadBalancerSourceRanges",
+    );
     add(
         "firewall-allowed",
         false,
@@ -163,7 +192,13 @@ fn declare_sets(fam: &FamilyPlan) -> BTreeMap<String, Set> {
         "loadBalancerSourceRanges: allowed sources per frontend",
     );
     add("no-endpoint-services", true, format!("type {ipv}"), &[], "services that cannot be served: reject or drop");
-    add("no-endpoint-nodeports", true, "type inet_proto . inet_service : verdict".into(), &[], "NodePorts that cannot be served");
+    add(
+        "no-endpoint-nodeports",
+        true,
+        "type inet_proto . inet_service : verdict".into(),
+        &[],
+        "NodePorts that cannot be served",
+    );
     sets
 }
 
@@ -190,7 +225,8 @@ fn fixed_chains(fam: &FamilyPlan) -> BTreeMap<String, Chain> {
     if fam.masquerade_all {
         internal.push("jump mark-for-masquerade comment \"masqueradeAll\"".to_string());
     } else if detector {
-        internal.push(format!("{f} saddr != @local-pod-cidrs jump mark-for-masquerade comment \"not from a local pod\""));
+        internal
+            .push(format!("{f} saddr != @local-pod-cidrs jump mark-for-masquerade comment \"not from a local pod\""));
     }
     internal.push(format!("{key_ip} vmap @lb-ips"));
 
@@ -225,7 +261,10 @@ fn fixed_chains(fam: &FamilyPlan) -> BTreeMap<String, Chain> {
             "meta l4proto tcp th dport @health-check-ports accept comment \"healthCheckNodePort\"".into(),
         ],
     ));
-    let post_dnat = vec!["ct state new jump service-endpoints-check".to_string(), "ct state new jump cluster-ips-check".to_string()];
+    let post_dnat = vec![
+        "ct state new jump service-endpoints-check".to_string(),
+        "ct state new jump cluster-ips-check".to_string(),
+    ];
     put(base("filter-forward", "filter", "forward", -110, post_dnat.clone()));
     // After DNAT (-90), so the node's own traffic is judged like a pod's: a translated packet no
     // longer matches, and the ETP=Local short-circuit for node traffic still works.
@@ -237,16 +276,23 @@ fn fixed_chains(fam: &FamilyPlan) -> BTreeMap<String, Chain> {
     put(chain("internal", internal));
     put(chain(
         "external",
-        vec!["jump mark-for-masquerade comment \"externalTrafficPolicy=Cluster\"".into(), format!("{key_ip} vmap @lb-ips")],
+        vec![
+            "jump mark-for-masquerade comment \"externalTrafficPolicy=Cluster\"".into(),
+            format!("{key_ip} vmap @lb-ips"),
+        ],
     ));
     put(chain("external-local", external_local(&key_ip, "lb-ips", "lb-local-ips")));
     put(chain(
         "nodeport",
-        vec!["jump mark-for-masquerade comment \"externalTrafficPolicy=Cluster\"".into(), format!("{np_key} vmap @lb-nodeports")],
+        vec![
+            "jump mark-for-masquerade comment \"externalTrafficPolicy=Cluster\"".into(),
+            format!("{np_key} vmap @lb-nodeports"),
+        ],
     ));
     put(chain("nodeport-local", external_local(np_key, "lb-nodeports", "lb-local-nodeports")));
     put(chain("mark-for-masquerade", vec![format!("meta mark set meta mark | {mark}")]));
-    let mut masq = vec![format!("ct status dnat {f} saddr . {f} daddr @hairpin jump mark-for-masquerade comment \"hairpin\"")];
+    let mut masq =
+        vec![format!("ct status dnat {f} saddr . {f} daddr @hairpin jump mark-for-masquerade comment \"hairpin\"")];
     for p in Protocol::ALL {
         masq.push(format!(
             "meta l4proto {p} ct original {f} daddr . meta l4proto . ct original proto-dst vmap @affinity-services"
@@ -316,7 +362,11 @@ impl LbKind {
 
 fn lb_chain(fam: IpFamily, kind: LbKind, n: usize, affinity: bool) -> Chain {
     let f = names(fam).fam;
-    let key = if kind.nodeport() { "meta l4proto . th dport".to_string() } else { format!("{f} daddr . meta l4proto . th dport") };
+    let key = if kind.nodeport() {
+        "meta l4proto . th dport".to_string()
+    } else {
+        format!("{f} daddr . meta l4proto . th dport")
+    };
     let mut rules = Vec::new();
     for p in Protocol::ALL {
         if affinity {
@@ -329,175 +379,474 @@ fn lb_chain(fam: IpFamily, kind: LbKind, n: usize, affinity: bool) -> Chain {
     chain(&kind.chain(n), rules)
 }
 
-/// One element a service port contributes: (set, key, value, comment).
-type Contribution = (&'static str, String, Option<String>, String);
-
-fn ep_value(e: &PlannedEndpoint) -> String {
-    format!("{} . {}", e.ip, e.port)
+/// Receives what a service port contributes to the sets and maps. `format_args!` keeps the
+/// work lazy: a sink that only counts chains formats nothing.
+trait Sink {
+    fn put(
+        &mut self,
+        set: &'static str,
+        key: fmt::Arguments,
+        value: Option<fmt::Arguments>,
+        comment: Option<fmt::Arguments>,
+    );
+    /// An element several services may share (a cluster IP, a hairpin pair): written once.
+    fn shared(&mut self, set: &'static str, ip: IpAddr, comment: Option<fmt::Arguments>);
+    /// A load-balancing chain this service needs.
+    fn lb(&mut self, kind: LbKind, n: usize);
 }
 
-/// Everything one service port contributes to the sets and maps, and which load-balancing
-/// chains it needs.
-fn contributions(fam: &FamilyPlan, s: &ServicePortPlan, out: &mut Vec<Contribution>, lbs: &mut BTreeSet<(LbKind, usize)>) {
+fn verdict_text(v: FilterVerdict) -> &'static str {
+    match v {
+        FilterVerdict::Reject => "goto reject-chain",
+        FilterVerdict::Drop => "drop",
+    }
+}
+
+/// Everything one service port contributes. In a large cluster (over 1,000 endpoints, as
+/// kube-proxy's `largeClusterMode`) per-endpoint elements carry no comment: they would double
+/// the program's size and the kernel's memory for no routing value.
+fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
     let p = s.protocol.as_str();
-    let name = s.name.to_string();
-    let fe = |ip: &IpAddr| format!("{ip} . {p} . {}", s.port);
-    let np = |port: u16| format!("{p} . {port}");
-    let verdict = |v: FilterVerdict| match v {
-        FilterVerdict::Reject => "goto reject-chain".to_string(),
-        FilterVerdict::Drop => "drop".to_string(),
-    };
-    let mut lb = |kind: LbKind, key: &str, eps: &[PlannedEndpoint], what: &str, out: &mut Vec<Contribution>| {
-        lbs.insert((kind, eps.len()));
-        out.push((kind.dispatch_map(), key.to_string(), Some(format!("goto {}", kind.chain(eps.len()))), format!("{name} {what}")));
+    let name = &s.name;
+    let port = s.port;
+    let lb = |sink: &mut dyn Sink, kind: LbKind, key: &dyn fmt::Display, eps: &[PlannedEndpoint], what: &str| {
+        sink.lb(kind, eps.len());
+        sink.put(
+            kind.dispatch_map(),
+            format_args!("{key}"),
+            Some(format_args!("goto {}", LbChainName(kind, eps.len()))),
+            Some(format_args!("{name} {what}")),
+        );
         for (slot, e) in eps.iter().enumerate() {
-            let ep_comment = match &e.target {
-                Some(t) => format!("{name} {t}"),
-                None => name.clone(),
-            };
-            out.push((kind.endpoints_map(), format!("{key} . {slot}"), Some(ep_value(e)), ep_comment));
+            let target = e.target.as_deref().unwrap_or("");
+            sink.put(
+                kind.endpoints_map(),
+                format_args!("{key} . {slot}"),
+                Some(format_args!("{} . {}", FastIp(e.ip), e.port)),
+                (!large).then_some(format_args!("{name} {target}")),
+            );
         }
     };
 
-    out.push(("cluster-ips", s.cluster_ip.to_string(), None, format!("{name} clusterIP")));
-    let cip = fe(&s.cluster_ip);
+    sink.shared("cluster-ips", s.cluster_ip, Some(format_args!("{name} clusterIP")));
+    let cip = Frontend(s.cluster_ip, p, port);
     match s.internal_endpoints() {
         Some(eps) => {
-            out.push(("service-ips", cip.clone(), Some("goto internal".into()), format!("{name} clusterIP")));
-            lb(LbKind::Ip, &cip, eps, "clusterIP", out);
-        }
-        None => {
-            let why = if s.internal_policy_local { "internalTrafficPolicy=Local, no local endpoint" } else { "no endpoints" };
-            if let Some(v) = s.internal_filter() {
-                out.push(("no-endpoint-services", cip.clone(), Some(verdict(v)), format!("{name} clusterIP: {why}")));
+            sink.put(
+                "service-ips",
+                format_args!("{cip}"),
+                Some(format_args!("goto internal")),
+                Some(format_args!("{name} clusterIP")),
+            );
+            lb(sink, LbKind::Ip, &cip, eps, "clusterIP");
+            if let Some(t) = s.affinity_timeout {
+                sink.put(
+                    "affinity-services",
+                    format_args!("{cip}"),
+                    Some(format_args!("jump affinity-{t}")),
+                    Some(format_args!("{name} sessionAffinity")),
+                );
             }
         }
-    }
-    let affinity = s.affinity_timeout.map(|t| format!("jump affinity-{t}"));
-    if let Some(a) = &affinity
-        && s.internal_endpoints().is_some()
-    {
-        out.push(("affinity-services", cip.clone(), Some(a.clone()), format!("{name} sessionAffinity")));
+        None => {
+            let why = if s.has_endpoints { "internalTrafficPolicy=Local, no local endpoint" } else { "no endpoints" };
+            if let Some(v) = s.internal_filter() {
+                sink.put(
+                    "no-endpoint-services",
+                    format_args!("{cip}"),
+                    Some(format_args!("{}", verdict_text(v))),
+                    Some(format_args!("{name} clusterIP: {why}")),
+                );
+            }
+        }
     }
 
     let ext_filter = s.external_filter();
     let why_ext = if s.has_endpoints { "externalTrafficPolicy=Local, no local endpoint" } else { "no endpoints" };
-    let class_ip = if s.external_policy_local { "goto external-local" } else { "goto external" };
-    let class_np = if s.external_policy_local { "goto nodeport-local" } else { "goto nodeport" };
-    let mut frontends: Vec<(String, &str)> = s.external_ips.iter().map(|ip| (fe(ip), "externalIPs")).collect();
-    frontends.extend(s.load_balancer_ips.iter().map(|ip| (fe(ip), "loadBalancer ingress")));
-    for (key, what) in &frontends {
+    let (class_ip, class_np) = if s.external_policy_local {
+        ("goto external-local", "goto nodeport-local")
+    } else {
+        ("goto external", "goto nodeport")
+    };
+    let frontends = s
+        .external_ips
+        .iter()
+        .map(|ip| (*ip, "externalIPs"))
+        .chain(s.load_balancer_ips.iter().map(|ip| (*ip, "loadBalancer ingress")));
+    for (ip, what) in frontends {
+        let key = Frontend(ip, p, port);
         if s.captures_external() {
-            out.push(("service-ips", key.clone(), Some(class_ip.into()), format!("{name} {what}")));
-            lb(LbKind::Ip, key, &s.cluster_endpoints, what, out);
+            sink.put(
+                "service-ips",
+                format_args!("{key}"),
+                Some(format_args!("{class_ip}")),
+                Some(format_args!("{name} {what}")),
+            );
+            lb(sink, LbKind::Ip, &key, &s.cluster_endpoints, what);
             if s.external_policy_local && !s.local_endpoints.is_empty() {
-                lb(LbKind::LocalIp, key, &s.local_endpoints, what, out);
+                lb(sink, LbKind::LocalIp, &key, &s.local_endpoints, what);
             }
-            if let Some(a) = &affinity {
-                out.push(("affinity-services", key.clone(), Some(a.clone()), format!("{name} sessionAffinity")));
+            if let Some(t) = s.affinity_timeout {
+                sink.put(
+                    "affinity-services",
+                    format_args!("{key}"),
+                    Some(format_args!("jump affinity-{t}")),
+                    Some(format_args!("{name} sessionAffinity")),
+                );
             }
         }
         if let Some(v) = ext_filter {
-            out.push(("no-endpoint-services", key.clone(), Some(verdict(v)), format!("{name} {what}: {why_ext}")));
+            sink.put(
+                "no-endpoint-services",
+                format_args!("{key}"),
+                Some(format_args!("{}", verdict_text(v))),
+                Some(format_args!("{name} {what}: {why_ext}")),
+            );
         }
     }
     // loadBalancerSourceRanges guard the LB IPs only; NodePorts are not filtered.
     if !s.source_ranges.is_empty() {
         for ip in &s.load_balancer_ips {
-            let key = fe(ip);
-            out.push(("firewall-protected", key.clone(), None, format!("{name} loadBalancerSourceRanges")));
+            let key = Frontend(*ip, p, port);
+            sink.put(
+                "firewall-protected",
+                format_args!("{key}"),
+                None,
+                Some(format_args!("{name} loadBalancerSourceRanges")),
+            );
             for r in &s.source_ranges {
-                out.push(("firewall-allowed", format!("{key} . {}", fmt_net(r)), None, format!("{name} loadBalancerSourceRanges")));
+                sink.put(
+                    "firewall-allowed",
+                    format_args!("{key} . {}", Net(r)),
+                    None,
+                    Some(format_args!("{name} loadBalancerSourceRanges")),
+                );
             }
             if s.source_range_lb_self {
                 for lbip in &s.load_balancer_ips {
-                    out.push((
+                    sink.put(
                         "firewall-allowed",
-                        format!("{key} . {lbip}"),
+                        format_args!("{key} . {lbip}"),
                         None,
-                        format!("{name} loadBalancerSourceRanges: node IP in range"),
-                    ));
+                        Some(format_args!("{name} loadBalancerSourceRanges: node IP in range")),
+                    );
                 }
             }
         }
     }
-    if let Some(port) = s.node_port {
-        let key = np(port);
+    if let Some(np) = s.node_port {
+        let key = NodePortKey(p, np);
         if s.captures_external() {
-            out.push(("service-nodeports", key.clone(), Some(class_np.into()), format!("{name} nodePort")));
-            lb(LbKind::NodePort, &key, &s.cluster_endpoints, "nodePort", out);
+            sink.put(
+                "service-nodeports",
+                format_args!("{key}"),
+                Some(format_args!("{class_np}")),
+                Some(format_args!("{name} nodePort")),
+            );
+            lb(sink, LbKind::NodePort, &key, &s.cluster_endpoints, "nodePort");
             if s.external_policy_local && !s.local_endpoints.is_empty() {
-                lb(LbKind::LocalNodePort, &key, &s.local_endpoints, "nodePort", out);
+                lb(sink, LbKind::LocalNodePort, &key, &s.local_endpoints, "nodePort");
             }
         }
         if let Some(v) = ext_filter {
-            out.push(("no-endpoint-nodeports", key, Some(verdict(v)), format!("{name} nodePort: {why_ext}")));
+            sink.put(
+                "no-endpoint-nodeports",
+                format_args!("{key}"),
+                Some(format_args!("{}", verdict_text(v))),
+                Some(format_args!("{name} nodePort: {why_ext}")),
+            );
         }
     }
     if let Some(hc) = s.health_check_node_port {
-        out.push(("health-check-ports", hc.to_string(), None, format!("{name} healthCheckNodePort")));
+        sink.put("health-check-ports", format_args!("{hc}"), None, Some(format_args!("{name} healthCheckNodePort")));
     }
-    for e in s.reachable_endpoints() {
-        out.push(("hairpin", format!("{} . {}", e.ip, e.ip), None, "hairpin".into()));
+    for e in s.cluster_endpoints.iter().chain(&s.local_endpoints) {
+        sink.shared("hairpin", e.ip, (!large).then_some(format_args!("hairpin")));
     }
-    let _ = fam;
 }
 
-/// Element comments are limited to 128 bytes by the kernel.
-fn clip(mut c: String) -> String {
-    if c.len() > 120 {
-        let mut cut = 117;
-        while !c.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        c.truncate(cut);
-        c.push_str("...");
+struct Frontend(IpAddr, &'static str, u16);
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} . {} . {}", FastIp(self.0), self.1, self.2)
     }
-    c.replace('"', "'")
 }
 
-/// The whole table for one family.
-pub fn table(fam: &FamilyPlan, node: &str) -> Table {
-    let mut sets = declare_sets(fam);
-    let mut chains = fixed_chains(fam);
-    let mut contribs = Vec::new();
-    let mut lbs = BTreeSet::new();
-    for s in &fam.services {
-        contributions(fam, s, &mut contribs, &mut lbs);
-    }
-    for (set, key, value, comment) in contribs {
-        if let Some(st) = sets.get_mut(set) {
-            // The first service to claim a key keeps it (services are sorted by name).
-            st.elements.entry(key).or_insert(Element { value, comment: Some(clip(comment)) });
+/// IPv4 addresses written octet by octet from a table: the render's hot path.
+struct FastIp(IpAddr);
+impl fmt::Display for FastIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                f.write_str(OCTETS[o[0] as usize])?;
+                f.write_str(".")?;
+                f.write_str(OCTETS[o[1] as usize])?;
+                f.write_str(".")?;
+                f.write_str(OCTETS[o[2] as usize])?;
+                f.write_str(".")?;
+                f.write_str(OCTETS[o[3] as usize])
+            }
+            IpAddr::V6(v6) => write!(f, "{v6}"),
         }
     }
-    let add_static = |sets: &mut BTreeMap<String, Set>, set: &str, key: String, comment: &str| {
-        if let Some(st) = sets.get_mut(set) {
-            st.elements.insert(key, Element { value: None, comment: Some(comment.to_string()) });
+}
+
+const OCTETS: [&str; 256] = {
+    const DIGITS: &[u8; 768] = &{
+        let mut d = [0u8; 768];
+        let mut i = 0;
+        while i < 256 {
+            d[i * 3] = b'0' + (i / 100) as u8;
+            d[i * 3 + 1] = b'0' + (i / 10 % 10) as u8;
+            d[i * 3 + 2] = b'0' + (i % 10) as u8;
+            i += 1;
         }
+        d
     };
+    let mut t = [""; 256];
+    let mut i = 0;
+    while i < 256 {
+        let skip = if i >= 100 {
+            0
+        } else if i >= 10 {
+            1
+        } else {
+            2
+        };
+        let bytes = DIGITS.split_at(i * 3 + skip).1.split_at(3 - skip).0;
+        t[i] = match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(_) => "",
+        };
+        i += 1;
+    }
+    t
+};
+struct NodePortKey(&'static str, u16);
+impl fmt::Display for NodePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} . {}", self.0, self.1)
+    }
+}
+struct Net<'a>(&'a IpNet);
+impl fmt::Display for Net<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+struct LbChainName(LbKind, usize);
+impl fmt::Display for LbChainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.chain(self.1))
+    }
+}
+
+/// kube-proxy's `largeClusterMode` threshold: above it, per-endpoint comments are left out.
+const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+fn is_large(fam: &FamilyPlan) -> bool {
+    fam.services.iter().map(|s| s.cluster_endpoints.len() + s.local_endpoints.len()).sum::<usize>()
+        > LARGE_CLUSTER_ENDPOINTS
+}
+
+fn shared_key(set: &str, ip: IpAddr) -> String {
+    if set == "hairpin" { format!("{ip} . {ip}") } else { ip.to_string() }
+}
+
+/// Writes a comment as nft accepts it: printable, no quotes, at most 120 bytes (the kernel's
+/// limit for element comments is 128). Names come from the cluster: never let them break syntax.
+fn write_comment(out: &mut String, scratch: &mut String, args: fmt::Arguments) {
+    out.push_str(" comment \"");
+    let start = out.len();
+    let _ = out.write_fmt(args);
+    let written = &out[start..];
+    let clean = written.len() <= 120 && !written.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f);
+    if !clean {
+        scratch.clear();
+        scratch.push_str(written.trim());
+        out.truncate(start);
+        let mut n = 0;
+        for c in scratch.chars() {
+            let c = if c == '"' || c == '\\' || c.is_control() { '\'' } else { c };
+            if n + c.len_utf8() > 120 {
+                break;
+            }
+            n += c.len_utf8();
+            out.push(c);
+        }
+    } else if written.ends_with(' ') {
+        let t = out.trim_end().len();
+        out.truncate(t.max(start));
+    }
+    out.push('"');
+}
+
+/// The full-render sink: elements straight into one text buffer per set.
+struct TextSink {
+    index: HashMap<&'static str, usize>,
+    bufs: Vec<String>,
+    scratch: String,
+    shared: HashSet<(&'static str, IpAddr)>,
+    lbs: BTreeSet<(LbKind, usize)>,
+}
+
+impl TextSink {
+    fn start(&mut self, set: &'static str) -> Option<&mut String> {
+        let i = *self.index.get(set)?;
+        let b = &mut self.bufs[i];
+        if !b.is_empty() {
+            b.push_str(",\n\t\t\t     ");
+        }
+        Some(b)
+    }
+}
+
+impl Sink for TextSink {
+    fn put(
+        &mut self,
+        set: &'static str,
+        key: fmt::Arguments,
+        value: Option<fmt::Arguments>,
+        comment: Option<fmt::Arguments>,
+    ) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(b) = self.start(set) {
+            let _ = b.write_fmt(key);
+            if let Some(c) = comment {
+                write_comment(b, &mut scratch, c);
+            }
+            if let Some(v) = value {
+                b.push_str(" : ");
+                let _ = b.write_fmt(v);
+            }
+        }
+        self.scratch = scratch;
+    }
+    fn shared(&mut self, set: &'static str, ip: IpAddr, comment: Option<fmt::Arguments>) {
+        if self.shared.insert((set, ip)) {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            if let Some(b) = self.start(set) {
+                if set == "hairpin" {
+                    let _ = write!(b, "{} . {}", FastIp(ip), FastIp(ip));
+                } else {
+                    let _ = write!(b, "{}", FastIp(ip));
+                }
+                if let Some(c) = comment {
+                    write_comment(b, &mut scratch, c);
+                }
+            }
+            self.scratch = scratch;
+        }
+    }
+    fn lb(&mut self, kind: LbKind, n: usize) {
+        self.lbs.insert((kind, n));
+    }
+}
+
+/// The structured sink: elements as (set, key) → (value, comment), the first claimant winning
+/// as nft's `add element` does.
+#[derive(Default)]
+struct MapSink {
+    elements: BTreeMap<(&'static str, String), (Option<String>, Option<String>)>,
+    lbs: BTreeSet<(LbKind, usize)>,
+    scratch: String,
+}
+
+impl MapSink {
+    fn comment(&mut self, args: Option<fmt::Arguments>) -> Option<String> {
+        let mut out = String::new();
+        write_comment(&mut out, &mut self.scratch, args?);
+        // Strip the ` comment "` wrapper written for the text form.
+        Some(out[10..out.len() - 1].to_string())
+    }
+}
+
+impl Sink for MapSink {
+    fn put(
+        &mut self,
+        set: &'static str,
+        key: fmt::Arguments,
+        value: Option<fmt::Arguments>,
+        comment: Option<fmt::Arguments>,
+    ) {
+        let c = self.comment(comment);
+        self.elements.entry((set, key.to_string())).or_insert((value.map(|v| v.to_string()), c));
+    }
+    fn shared(&mut self, set: &'static str, ip: IpAddr, comment: Option<fmt::Arguments>) {
+        let c = self.comment(comment);
+        self.elements.entry((set, shared_key(set, ip))).or_insert((None, c));
+    }
+    fn lb(&mut self, kind: LbKind, n: usize) {
+        self.lbs.insert((kind, n));
+    }
+}
+
+/// A sink that only records which load-balancing chains are needed.
+#[derive(Default)]
+struct ChainNeeds {
+    lbs: BTreeSet<(LbKind, usize)>,
+}
+
+impl Sink for ChainNeeds {
+    fn put(&mut self, _: &'static str, _: fmt::Arguments, _: Option<fmt::Arguments>, _: Option<fmt::Arguments>) {}
+    fn shared(&mut self, _: &'static str, _: IpAddr, _: Option<fmt::Arguments>) {}
+    fn lb(&mut self, kind: LbKind, n: usize) {
+        self.lbs.insert((kind, n));
+    }
+}
+
+/// Elements that come from family-level settings rather than services.
+fn static_elements(fam: &FamilyPlan, sink: &mut dyn Sink) {
     for c in &fam.service_cidrs {
-        add_static(&mut sets, "service-cidrs", fmt_net(c), "ServiceCIDR");
+        sink.put("service-cidrs", format_args!("{}", Net(c)), None, Some(format_args!("ServiceCIDR")));
     }
     if let LocalDetector::Cidrs(cidrs) = &fam.local_detector {
         for c in cidrs {
-            add_static(&mut sets, "local-pod-cidrs", fmt_net(c), "detectLocalMode");
+            sink.put("local-pod-cidrs", format_args!("{}", Net(c)), None, Some(format_args!("detectLocalMode")));
         }
     }
     if let NodePortAddresses::Only(ips) = &fam.node_port_addresses {
         for ip in ips {
-            add_static(&mut sets, "nodeport-ips", ip.to_string(), "nodePortAddresses");
+            sink.put("nodeport-ips", format_args!("{ip}"), None, Some(format_args!("nodePortAddresses")));
         }
     }
+}
+
+/// The chains that depend on the services: load-balancing chains per endpoint count in use,
+/// and one affinity-recording chain per distinct timeout.
+fn dynamic_chains(fam: &FamilyPlan, lbs: &BTreeSet<(LbKind, usize)>) -> BTreeMap<String, Chain> {
     let affinity = fam.services.iter().any(|s| s.affinity_timeout.is_some());
-    for (kind, n) in lbs {
-        let c = lb_chain(fam.family, kind, n, affinity);
-        chains.insert(c.name.clone(), c);
-    }
+    let mut m: BTreeMap<String, Chain> =
+        lbs.iter().map(|(k, n)| lb_chain(fam.family, *k, *n, affinity)).map(|c| (c.name.clone(), c)).collect();
     for t in fam.services.iter().filter_map(|s| s.affinity_timeout).collect::<BTreeSet<_>>() {
         let c = affinity_chain(fam.family, t);
-        chains.insert(c.name.clone(), c);
+        m.insert(c.name.clone(), c);
     }
+    m
+}
+
+/// The whole table for one family, as a structure (for diffs and tests; `render` writes text
+/// directly and must agree with this).
+pub fn table(fam: &FamilyPlan, node: &str) -> Table {
+    let mut sets = declare_sets(fam);
+    let mut chains = fixed_chains(fam);
+    let mut sink = MapSink::default();
+    let large = is_large(fam);
+    for s in &fam.services {
+        contributions(s, large, &mut sink);
+    }
+    static_elements(fam, &mut sink);
+    for ((set, key), (value, comment)) in sink.elements {
+        if let Some(st) = sets.get_mut(set) {
+            st.elements.insert(key, Element { value, comment });
+        }
+    }
+    chains.extend(dynamic_chains(fam, &sink.lbs));
     Table {
         family: names(fam.family).fam.to_string(),
         name: TABLE.to_string(),
@@ -535,13 +884,80 @@ pub fn ruleset(plan: &NodePlan) -> Ruleset {
 pub fn render(plan: &NodePlan) -> String {
     let mut out = String::with_capacity(1 << 16);
     let _ = writeln!(out, "{}", super::header(&plan.node, "nftables"));
-    for t in ruleset(plan).values() {
-        // `table` then `delete table` makes the delete valid whether or not it existed.
-        let _ = writeln!(out, "table {} {}", t.family, t.name);
-        let _ = writeln!(out, "delete table {} {}", t.family, t.name);
-        write_table(&mut out, t);
+    for fam in &plan.families {
+        write_family(&mut out, fam, &plan.node);
     }
     out
+}
+
+/// Writes one family's table straight from the plan, elements streamed into per-set buffers.
+fn write_family(out: &mut String, fam: &FamilyPlan, node: &str) {
+    let f = names(fam.family).fam;
+    let sets = declare_sets(fam);
+    let mut sink = TextSink {
+        index: sets.keys().enumerate().map(|(i, k)| (set_name(k), i)).collect(),
+        bufs: vec![String::new(); sets.len()],
+        scratch: String::new(),
+        shared: HashSet::new(),
+        lbs: BTreeSet::new(),
+    };
+    let large = is_large(fam);
+    for s in &fam.services {
+        contributions(s, large, &mut sink);
+    }
+    static_elements(fam, &mut sink);
+    let mut chains = fixed_chains(fam);
+    chains.extend(dynamic_chains(fam, &sink.lbs));
+    let total: usize = sink.bufs.iter().map(String::len).sum();
+    out.reserve(total + 16 * 1024);
+    // `table` then `delete table` makes the delete valid whether or not it existed.
+    let _ = writeln!(out, "table {f} {TABLE}");
+    let _ = writeln!(out, "delete table {f} {TABLE}");
+    let _ = writeln!(out, "table {f} {TABLE} {{");
+    let _ = writeln!(out, "\tcomment \"Switchyard service proxy for node {node}\"");
+    for (i, s) in sets.values().enumerate() {
+        let mut empty = s.clone();
+        empty.elements.clear();
+        let _ = writeln!(out, "\t{} {} {{", if s.map { "map" } else { "set" }, s.name);
+        write_set_body(out, &empty);
+        if !sink.bufs[i].is_empty() {
+            out.push_str("\t\telements = { ");
+            out.push_str(&sink.bufs[i]);
+            out.push_str(" }\n");
+        }
+        out.push_str("\t}\n");
+    }
+    write_chains(out, &chains);
+    out.push_str("}\n");
+}
+
+/// The static name of a declared set (the sink API takes `&'static str`).
+fn set_name(name: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "cluster-ips",
+        "service-cidrs",
+        "local-pod-cidrs",
+        "nodeport-ips",
+        "hairpin",
+        "health-check-ports",
+        "service-ips",
+        "service-nodeports",
+        "lb-ips",
+        "lb-local-ips",
+        "lb-nodeports",
+        "lb-local-nodeports",
+        "endpoints-ips",
+        "endpoints-local-ips",
+        "endpoints-nodeports",
+        "endpoints-local-nodeports",
+        "affinity",
+        "affinity-services",
+        "firewall-protected",
+        "firewall-allowed",
+        "no-endpoint-services",
+        "no-endpoint-nodeports",
+    ];
+    NAMES.iter().find(|n| **n == name).copied().unwrap_or("")
 }
 
 fn write_element(out: &mut String, key: &str, e: &Element) {
@@ -556,6 +972,9 @@ fn write_element(out: &mut String, key: &str, e: &Element) {
 
 fn write_set_body(out: &mut String, s: &Set) {
     let _ = writeln!(out, "\t\t{}", s.key_type);
+    if let Some(n) = s.size {
+        let _ = writeln!(out, "\t\tsize {n}");
+    }
     if !s.flags.is_empty() {
         let _ = writeln!(out, "\t\tflags {}", s.flags.join(","));
     }
@@ -574,6 +993,19 @@ fn write_set_body(out: &mut String, s: &Set) {
     }
 }
 
+fn write_chains(out: &mut String, chains: &BTreeMap<String, Chain>) {
+    for c in chains.values() {
+        let _ = writeln!(out, "\tchain {} {{", c.name);
+        if let Some(b) = &c.base {
+            let _ = writeln!(out, "\t\ttype {} hook {} priority {}; policy accept;", b.kind, b.hook, b.priority);
+        }
+        for r in &c.rules {
+            let _ = writeln!(out, "\t\t{r}");
+        }
+        out.push_str("\t}\n");
+    }
+}
+
 /// Writes a table in the block form `nft list table` prints.
 pub fn write_table(out: &mut String, t: &Table) {
     let _ = writeln!(out, "table {} {} {{", t.family, t.name);
@@ -585,17 +1017,7 @@ pub fn write_table(out: &mut String, t: &Table) {
         write_set_body(out, s);
         out.push_str("\t}\n");
     }
-    // Regular chains first so base chains' jumps resolve; nft accepts either order in a block.
-    for c in t.chains.values() {
-        let _ = writeln!(out, "\tchain {} {{", c.name);
-        if let Some(b) = &c.base {
-            let _ = writeln!(out, "\t\ttype {} hook {} priority {}; policy accept;", b.kind, b.hook, b.priority);
-        }
-        for r in &c.rules {
-            let _ = writeln!(out, "\t\t{r}");
-        }
-        out.push_str("\t}\n");
-    }
+    write_chains(out, &t.chains);
     out.push_str("}\n");
 }
 
@@ -605,15 +1027,9 @@ pub fn write_table(out: &mut String, t: &Table) {
 pub fn render_incremental(old: &NodePlan, new: &NodePlan) -> String {
     let mut out = String::new();
     for nf in &new.families {
-        let of = old.family(nf.family);
-        match of {
-            Some(of) if same_settings(of, nf) => diff_family(&mut out, of, nf, &new.node),
-            _ => {
-                let t = table(nf, &new.node);
-                let _ = writeln!(out, "table {} {}", t.family, t.name);
-                let _ = writeln!(out, "delete table {} {}", t.family, t.name);
-                write_table(&mut out, &t);
-            }
+        match old.family(nf.family) {
+            Some(of) if same_settings(of, nf) => diff_family(&mut out, of, nf),
+            _ => write_family(&mut out, nf, &new.node),
         }
     }
     for of in &old.families {
@@ -636,120 +1052,112 @@ fn same_settings(a: &FamilyPlan, b: &FamilyPlan) -> bool {
         && a.service_cidrs == b.service_cidrs
 }
 
-/// Contributions of a set of service ports, keyed by (set, key) with the first claimant winning.
-type Contribs = BTreeMap<(&'static str, String), (Option<String>, String)>;
-
-fn collect(fam: &FamilyPlan, svcs: &[&ServicePortPlan], lbs: &mut BTreeSet<(LbKind, usize)>) -> Contribs {
-    let mut v = Vec::new();
-    for s in svcs {
-        contributions(fam, s, &mut v, lbs);
+/// Service ports that differ between two plans (both sorted by name, then cluster IP).
+fn changed<'a>(of: &'a FamilyPlan, nf: &'a FamilyPlan) -> (Vec<&'a ServicePortPlan>, Vec<&'a ServicePortPlan>) {
+    fn key(s: &ServicePortPlan) -> (&ServicePortName, IpAddr) {
+        (&s.name, s.cluster_ip)
     }
-    let mut m = Contribs::new();
-    for (set, key, value, comment) in v {
-        m.entry((set, key)).or_insert((value, clip(comment)));
+    let (mut i, mut j) = (0, 0);
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    while i < of.services.len() || j < nf.services.len() {
+        match (of.services.get(i), nf.services.get(j)) {
+            (Some(a), Some(b)) if key(a) == key(b) => {
+                if a != b {
+                    old.push(a);
+                    new.push(b);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if key(a) < key(b) => {
+                old.push(a);
+                i += 1;
+            }
+            (Some(_), Some(b)) | (None, Some(b)) => {
+                new.push(b);
+                j += 1;
+            }
+            (Some(a), None) => {
+                old.push(a);
+                i += 1;
+            }
+            (None, None) => break,
+        }
     }
-    m
+    (old, new)
 }
 
-fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, node: &str) {
+fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan) {
     let f = names(nf.family).fam;
-    // Service ports that differ, matched by name and cluster IP.
-    let key = |s: &ServicePortPlan| (s.name.clone(), s.cluster_ip);
-    let old_by: BTreeMap<_, &ServicePortPlan> = of.services.iter().map(|s| (key(s), s)).collect();
-    let new_by: BTreeMap<_, &ServicePortPlan> = nf.services.iter().map(|s| (key(s), s)).collect();
-    let mut old_changed = Vec::new();
-    let mut new_changed = Vec::new();
-    for (k, o) in &old_by {
-        match new_by.get(k) {
-            Some(n) if n == o => {}
-            Some(n) => {
-                old_changed.push(*o);
-                new_changed.push(*n);
-            }
-            None => old_changed.push(*o),
-        }
-    }
-    for (k, n) in &new_by {
-        if !old_by.contains_key(k) {
-            new_changed.push(*n);
-        }
-    }
+    let (old_changed, new_changed) = changed(of, nf);
     if old_changed.is_empty() && new_changed.is_empty() {
         return;
     }
-    let mut unused = BTreeSet::new();
-    let before = collect(of, &old_changed, &mut unused);
-    let after = collect(nf, &new_changed, &mut unused);
-    // A key another (unchanged) service also contributes stays: hairpin pairs and cluster IPs
-    // can be shared. Check only the keys about to be removed.
-    let unchanged: Vec<&ServicePortPlan> = nf.services.iter().filter(|s| old_by.get(&key(s)).is_some_and(|o| o == s)).collect();
-    let still_used = |set: &str, k: &str| -> bool {
-        unchanged.iter().any(|s| {
-            let mut v = Vec::new();
-            let mut l = BTreeSet::new();
-            match set {
-                "hairpin" => s.reachable_endpoints().iter().any(|e| format!("{} . {}", e.ip, e.ip) == k),
-                "cluster-ips" => s.cluster_ip.to_string() == k,
-                "health-check-ports" => s.health_check_node_port.map(|p| p.to_string()).as_deref() == Some(k),
-                _ => {
-                    contributions(nf, s, &mut v, &mut l);
-                    v.iter().any(|(st, kk, ..)| *st == set && kk == k)
-                }
-            }
-        })
-    };
-    let mut deletes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut adds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for ((set, k), (v, c)) in &before {
-        match after.get(&(*set, k.clone())) {
-            Some((v2, _)) if v2 == v => {}
-            Some(_) => deletes.entry(set).or_default().push(k.clone()),
-            None if still_used(set, k) => {}
-            None => deletes.entry(set).or_default().push(k.clone()),
-        }
-        let _ = c;
+    let (mut before, mut after) = (MapSink::default(), MapSink::default());
+    let (large_old, large_new) = (is_large(of), is_large(nf));
+    for s in &old_changed {
+        contributions(s, large_old, &mut before);
     }
-    for ((set, k), (v, c)) in &after {
-        match before.get(&(*set, k.clone())) {
+    for s in &new_changed {
+        contributions(s, large_new, &mut after);
+    }
+    // Shared elements (cluster IPs, hairpin pairs, health-check ports) stay while an unchanged
+    // service still has them.
+    let changed_names: HashSet<(&ServicePortName, IpAddr)> =
+        new_changed.iter().map(|s| (&s.name, s.cluster_ip)).collect();
+    let unchanged = || nf.services.iter().filter(|s| !changed_names.contains(&(&s.name, s.cluster_ip)));
+    let still_used = |set: &str, k: &str| -> bool {
+        let ip: Option<IpAddr> = k.split(" . ").next().and_then(|a| a.parse().ok());
+        match set {
+            "hairpin" => {
+                unchanged().any(|s| s.cluster_endpoints.iter().chain(&s.local_endpoints).any(|e| Some(e.ip) == ip))
+            }
+            "cluster-ips" => unchanged().any(|s| Some(s.cluster_ip) == ip),
+            "health-check-ports" => unchanged().any(|s| s.health_check_node_port.is_some_and(|p| p.to_string() == k)),
+            _ => false,
+        }
+    };
+    let mut deletes: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut adds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for ((set, k), (v, _)) in &before.elements {
+        match after.elements.get(&(*set, k.clone())) {
+            Some((v2, _)) if v2 == v => {}
+            Some(_) => deletes.entry(set).or_default().push(k),
+            None if still_used(set, k) => {}
+            None => deletes.entry(set).or_default().push(k),
+        }
+    }
+    for ((set, k), (v, c)) in &after.elements {
+        match before.elements.get(&(*set, k.clone())) {
             Some((v0, _)) if v0 == v => {}
             _ => {
                 let mut s = String::new();
-                write_element(&mut s, k, &Element { value: v.clone(), comment: Some(c.clone()) });
+                write_element(&mut s, k, &Element { value: v.clone(), comment: c.clone() });
                 adds.entry(set).or_default().push(s);
             }
         }
     }
-    // Load-balancing and affinity chains: add the ones now needed, delete the ones no longer used.
-    let chains_of = |fam: &FamilyPlan| -> BTreeMap<String, Chain> {
-        let mut lbs = BTreeSet::new();
-        let mut v = Vec::new();
+    // Load-balancing and affinity chains: add the ones now needed, delete the ones unused.
+    let needs = |fam: &FamilyPlan| {
+        let mut n = ChainNeeds::default();
         for s in &fam.services {
-            contributions(fam, s, &mut v, &mut lbs);
+            contributions(s, true, &mut n);
         }
-        let affinity = fam.services.iter().any(|s| s.affinity_timeout.is_some());
-        let mut m: BTreeMap<String, Chain> = lbs.into_iter().map(|(k, n)| lb_chain(fam.family, k, n, affinity)).map(|c| (c.name.clone(), c)).collect();
-        for t in fam.services.iter().filter_map(|s| s.affinity_timeout).collect::<BTreeSet<_>>() {
-            let c = affinity_chain(fam.family, t);
-            m.insert(c.name.clone(), c);
-        }
-        m
+        dynamic_chains(fam, &n.lbs)
     };
-    let (old_chains, new_chains) = (chains_of(of), chains_of(nf));
+    let (old_chains, new_chains) = (needs(of), needs(nf));
     for c in new_chains.values() {
         match old_chains.get(&c.name) {
-            Some(o) if o == c => {}
+            Some(o) if o == c => continue,
             Some(_) => {
                 let _ = writeln!(out, "flush chain {f} {TABLE} {}", c.name);
-                for r in &c.rules {
-                    let _ = writeln!(out, "add rule {f} {TABLE} {} {r}", c.name);
-                }
             }
             None => {
                 let _ = writeln!(out, "add chain {f} {TABLE} {}", c.name);
-                for r in &c.rules {
-                    let _ = writeln!(out, "add rule {f} {TABLE} {} {r}", c.name);
-                }
             }
+        }
+        for r in &c.rules {
+            let _ = writeln!(out, "add rule {f} {TABLE} {} {r}", c.name);
         }
     }
     for (set, keys) in &deletes {
@@ -767,5 +1175,4 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, node: &str) {
             let _ = writeln!(out, "delete chain {f} {TABLE} {name}");
         }
     }
-    let _ = node;
 }

@@ -80,7 +80,8 @@ impl std::str::FromStr for SocketAddr {
         } else {
             s.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected IP:PORT"))?
         };
-        let ip: IpAddr = crate::input::parse_ip_sloppy(ip).ok_or_else(|| format!("{s:?}: {ip:?} is not an IP address"))?;
+        let ip: IpAddr =
+            crate::input::parse_ip_sloppy(ip).ok_or_else(|| format!("{s:?}: {ip:?} is not an IP address"))?;
         if ip.is_ipv6() && !s.starts_with('[') {
             return Err(format!("{s:?}: write IPv6 addresses as [addr]:port"));
         }
@@ -168,6 +169,45 @@ impl Hop {
     }
 }
 
+/// The hops of one branch: a persistent list, so forking a branch at every load-balancing
+/// choice costs a pointer copy rather than a copy of every hop so far.
+#[derive(Debug, Clone, Default)]
+pub struct Hops {
+    last: Option<std::sync::Arc<(Hop, Hops)>>,
+    len: usize,
+}
+
+impl Hops {
+    pub fn push(&mut self, hop: Hop) {
+        let prev = std::mem::take(self);
+        self.len = prev.len + 1;
+        self.last = Some(std::sync::Arc::new((hop, prev)));
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The hops in the order they happened.
+    pub fn to_vec(&self) -> Vec<Hop> {
+        let mut out = Vec::with_capacity(self.len);
+        let mut cur = self;
+        while let Some(node) = &cur.last {
+            out.push(node.0.clone());
+            cur = &node.1;
+        }
+        out.reverse();
+        out
+    }
+}
+
+impl PartialEq for Hops {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_vec() == other.to_vec()
+    }
+}
+
 /// How one hook ended for a branch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookVerdict {
@@ -194,12 +234,21 @@ pub struct PacketState {
     /// An explicit accept by one of our rules.
     pub accepted: bool,
     pub probability: f64,
-    pub hops: Vec<Hop>,
+    pub hops: Hops,
 }
 
 impl PacketState {
     pub fn new(p: Packet) -> Self {
-        PacketState { packet: p, original: p, mark: 0, dnat: None, masquerade: false, accepted: false, probability: 1.0, hops: Vec::new() }
+        PacketState {
+            packet: p,
+            original: p,
+            mark: 0,
+            dnat: None,
+            masquerade: false,
+            accepted: false,
+            probability: 1.0,
+            hops: Hops::default(),
+        }
     }
 }
 

@@ -192,7 +192,8 @@ pub fn parse_ruleset(text: &str) -> Result<model::Ruleset, ParseError> {
         c.pos += 1;
         match w.as_str() {
             "table" | "add" | "create" | "delete" | "destroy" | "flush" | "insert" => {
-                let (verb, obj) = if w == "table" { ("add".to_string(), "table".to_string()) } else { (w.clone(), c.word()?) };
+                let (verb, obj) =
+                    if w == "table" { ("add".to_string(), "table".to_string()) } else { (w.clone(), c.word()?) };
                 command(&mut c, &mut rs, &verb, &obj)?;
             }
             "list" => {
@@ -214,7 +215,13 @@ fn table_key(c: &mut Cursor) -> Result<(String, String), ParseError> {
 }
 
 fn new_table(k: &(String, String)) -> model::Table {
-    model::Table { family: k.0.clone(), name: k.1.clone(), comment: None, sets: BTreeMap::new(), chains: BTreeMap::new() }
+    model::Table {
+        family: k.0.clone(),
+        name: k.1.clone(),
+        comment: None,
+        sets: BTreeMap::new(),
+        chains: BTreeMap::new(),
+    }
 }
 
 fn command(c: &mut Cursor, rs: &mut model::Ruleset, verb: &str, obj: &str) -> Result<(), ParseError> {
@@ -246,7 +253,11 @@ fn command(c: &mut Cursor, rs: &mut model::Ruleset, verb: &str, obj: &str) -> Re
             let k = table_key(c)?;
             let name = c.word()?;
             let t = rs.entry(k.clone()).or_insert_with(|| new_table(&k));
-            let ch = t.chains.entry(name.clone()).or_insert_with(|| model::Chain { name: name.clone(), base: None, rules: Vec::new() });
+            let ch = t.chains.entry(name.clone()).or_insert_with(|| model::Chain {
+                name: name.clone(),
+                base: None,
+                rules: Vec::new(),
+            });
             if c.peek() == Some(&Tok::LBrace) {
                 c.pos += 1;
                 chain_body(c, ch)?;
@@ -323,7 +334,15 @@ fn command(c: &mut Cursor, rs: &mut model::Ruleset, verb: &str, obj: &str) -> Re
 }
 
 fn empty_set(name: &str, map: bool) -> model::Set {
-    model::Set { name: name.to_string(), map, key_type: String::new(), flags: Vec::new(), comment: None, elements: BTreeMap::new() }
+    model::Set {
+        name: name.to_string(),
+        map,
+        key_type: String::new(),
+        flags: Vec::new(),
+        size: None,
+        comment: None,
+        elements: BTreeMap::new(),
+    }
 }
 
 fn table_body(c: &mut Cursor, rs: &mut model::Ruleset, k: &(String, String)) -> Result<(), ParseError> {
@@ -341,7 +360,11 @@ fn table_body(c: &mut Cursor, rs: &mut model::Ruleset, k: &(String, String)) -> 
                     let name = c.word()?;
                     c.expect(Tok::LBrace)?;
                     let t = rs.get_mut(k).expect("table exists");
-                    let ch = t.chains.entry(name.clone()).or_insert_with(|| model::Chain { name, base: None, rules: Vec::new() });
+                    let ch = t.chains.entry(name.clone()).or_insert_with(|| model::Chain {
+                        name,
+                        base: None,
+                        rules: Vec::new(),
+                    });
                     chain_body(c, ch)?;
                 }
                 "set" | "map" => {
@@ -402,7 +425,8 @@ fn chain_body(c: &mut Cursor, ch: &mut model::Chain) -> Result<(), ParseError> {
         }
         let line = c.line();
         let stmt = c.statement();
-        let words: Vec<String> = stmt.iter().filter_map(|(t, _)| if let Tok::Word(w) = t { Some(w.clone()) } else { None }).collect();
+        let words: Vec<String> =
+            stmt.iter().filter_map(|(t, _)| if let Tok::Word(w) = t { Some(w.clone()) } else { None }).collect();
         match words.first().map(String::as_str) {
             Some("type") => {
                 // type KIND hook HOOK [device X] priority P
@@ -437,12 +461,19 @@ fn set_body(c: &mut Cursor, s: &mut model::Set) -> Result<(), ParseError> {
             }
             "flags" => {
                 let stmt = c.statement();
-                s.flags = stmt.iter().filter_map(|(t, _)| if let Tok::Word(w) = t { Some(w.clone()) } else { None }).collect();
+                s.flags = stmt
+                    .iter()
+                    .filter_map(|(t, _)| if let Tok::Word(w) = t { Some(w.clone()) } else { None })
+                    .collect();
             }
             "comment" => {
                 if let Some(Tok::Str(x)) = c.next() {
                     s.comment = Some(x.clone());
                 }
+            }
+            "size" => {
+                let n = c.word()?;
+                s.size = Some(n.parse().map_err(|_| c.err(format!("bad set size {n:?}")))?);
             }
             "elements" => {
                 match c.next() {
@@ -469,7 +500,11 @@ fn elements(c: &mut Cursor) -> Result<Vec<(String, model::Element)>, ParseError>
     let mut comment = None;
     let mut in_value = false;
     let mut skip_next = false;
-    let flush = |key: &mut Vec<String>, value: &mut Vec<String>, comment: &mut Option<String>, in_value: &mut bool, out: &mut Vec<(String, model::Element)>| {
+    let flush = |key: &mut Vec<String>,
+                 value: &mut Vec<String>,
+                 comment: &mut Option<String>,
+                 in_value: &mut bool,
+                 out: &mut Vec<(String, model::Element)>| {
         if !key.is_empty() {
             let k = normalize_key(&key.join(" "));
             let v = (!value.is_empty()).then(|| value.join(" "));
@@ -554,14 +589,35 @@ enum MapRef {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Expr {
-    Cmp { fields: Vec<Field>, neg: bool, rhs: Rhs },
-    Fib { daddr: bool, neg: bool },
+    Cmp {
+        fields: Vec<Field>,
+        neg: bool,
+        rhs: Rhs,
+    },
+    Fib {
+        daddr: bool,
+        neg: bool,
+    },
     CtState(Vec<String>),
     CtStatus(Vec<String>),
-    MarkMask { mask: u32, value: u32, neg: bool },
-    Vmap { fields: Vec<Field>, map: MapRef },
-    Dnat { fields: Vec<Field>, map: Option<MapRef>, fixed: Option<String> },
-    MarkSet { op: char, value: u32 },
+    MarkMask {
+        mask: u32,
+        value: u32,
+        neg: bool,
+    },
+    Vmap {
+        fields: Vec<Field>,
+        map: MapRef,
+    },
+    Dnat {
+        fields: Vec<Field>,
+        map: Option<MapRef>,
+        fixed: Option<String>,
+    },
+    MarkSet {
+        op: char,
+        value: u32,
+    },
     Masquerade,
     Verdict(String, Option<String>),
     /// Statements with no effect on a first packet's path (counters, logging, `update`).
@@ -701,7 +757,11 @@ impl RuleParser<'_> {
                     self.i += 1;
                 }
                 Tok::Word(w) => {
-                    if in_v { v.push(w.clone()) } else { k.push(w.clone()) }
+                    if in_v {
+                        v.push(w.clone())
+                    } else {
+                        k.push(w.clone())
+                    }
                     self.i += 1;
                 }
                 _ => self.i += 1,
@@ -941,7 +1001,11 @@ impl Program {
                         let mut p = SetP { exact: HashMap::with_capacity(s.elements.len()), ranges: Vec::new() };
                         for (k, e) in &s.elements {
                             if interval || k.contains('/') || k.contains('-') {
-                                p.ranges.push((k.split(" . ").map(str::to_string).collect(), e.value.clone(), e.comment.clone()));
+                                p.ranges.push((
+                                    k.split(" . ").map(str::to_string).collect(),
+                                    e.value.clone(),
+                                    e.comment.clone(),
+                                ));
                             } else {
                                 p.exact.insert(k.clone(), (e.value.clone(), e.comment.clone()));
                             }
@@ -952,7 +1016,12 @@ impl Program {
                 chains: t
                     .chains
                     .values()
-                    .map(|c| (c.name.clone(), ChainP { base: c.base.clone(), rules: c.rules.iter().map(|r| parse_rule(r)).collect() }))
+                    .map(|c| {
+                        (
+                            c.name.clone(),
+                            ChainP { base: c.base.clone(), rules: c.rules.iter().map(|r| parse_rule(r)).collect() },
+                        )
+                    })
                     .collect(),
             })
             .collect();
@@ -1048,16 +1117,25 @@ impl Exec<'_> {
                 let (v, c) = set.lookup(key)?;
                 Some((v.unwrap_or_default(), c, format!("@{name}")))
             }
-            MapRef::Inline(items) => items.iter().find(|(k, _)| k == key).map(|(_, v)| (v.clone(), None, "map".to_string())),
+            MapRef::Inline(items) => {
+                items.iter().find(|(k, _)| k == key).map(|(_, v)| (v.clone(), None, "map".to_string()))
+            }
         }
     }
 
     fn hop(&self, s: &mut PacketState, chain: &str, rule: &Rule, action: String, comment: Option<String>) {
         let kind = self.table.chains.get(chain).and_then(|c| c.base.as_ref()).map(|b| b.kind.as_str()).unwrap_or("");
-        let at = if kind.is_empty() { format!("{} {}", self.hook.as_str(), self.table.name) } else { format!("{} {kind}", self.hook.as_str()) };
+        let at = if kind.is_empty() {
+            format!("{} {}", self.hook.as_str(), self.table.name)
+        } else {
+            format!("{} {kind}", self.hook.as_str())
+        };
         s.hops.push(Hop {
             node: Some(self.ctx.node.clone()),
-            ..Hop::new(at, action).chain(chain).rule(rule.text.clone()).comment(comment.or_else(|| rule.comment.clone()))
+            ..Hop::new(at, action)
+                .chain(chain)
+                .rule(rule.text.clone())
+                .comment(comment.or_else(|| rule.comment.clone()))
         });
     }
 
@@ -1124,14 +1202,22 @@ impl Exec<'_> {
                 if self.ctx.is_local(&ip) != *neg { Match } else { NoMatch }
             }
             Expr::CtState(v) => {
-                if v.iter().any(|x| x == "new") { Match } else { NoMatch }
+                if v.iter().any(|x| x == "new") {
+                    Match
+                } else {
+                    NoMatch
+                }
             }
             Expr::CtStatus(v) => {
                 let dnat = s.dnat.is_some();
                 if v.iter().all(|x| x == "dnat") && dnat { Match } else { NoMatch }
             }
             Expr::MarkMask { mask, value, neg } => {
-                if ((s.mark & mask) == *value) != *neg { Match } else { NoMatch }
+                if ((s.mark & mask) == *value) != *neg {
+                    Match
+                } else {
+                    NoMatch
+                }
             }
             Expr::MarkSet { op, value } => {
                 match op {
@@ -1179,7 +1265,8 @@ impl Exec<'_> {
                         None => out.push((b, Some(Flow::NoMatch))),
                         Some((verdict, comment, name)) => {
                             let flow = verdict_flow(&verdict);
-                            if let Some(Flow::Final(HookVerdict::Drop)) | Some(Flow::Final(HookVerdict::Reject)) = &flow {
+                            if let Some(Flow::Final(HookVerdict::Drop)) | Some(Flow::Final(HookVerdict::Reject)) = &flow
+                            {
                                 // reported by the hop below
                             }
                             self.hop(&mut b, chain, rule, format!("{name}: {key} → {verdict}"), comment);
@@ -1361,9 +1448,9 @@ impl Program {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Destination, TraceRequest};
     use crate::cluster::Cluster;
     use crate::policy::Backend;
+    use crate::{Destination, TraceRequest};
 
     pub(crate) const EXAMPLE: &str = include_str!("../../tests/fixtures/example.yaml");
 

@@ -50,7 +50,10 @@ impl Topology {
     }
 
     pub fn node_ip(&self, node: &str, family: IpFamily) -> Option<IpAddr> {
-        self.nodes.iter().find(|(n, ..)| n == node).and_then(|(_, ips, _)| ips.iter().copied().find(|ip| IpFamily::of(ip) == family))
+        self.nodes
+            .iter()
+            .find(|(n, ..)| n == node)
+            .and_then(|(_, ips, _)| ips.iter().copied().find(|ip| IpFamily::of(ip) == family))
     }
 }
 
@@ -90,11 +93,7 @@ pub fn trace(
         packet: Some(packet_text(&packet)),
         ..Hop::new(
             if local_origin { "node" } else { "arrival" },
-            if local_origin {
-                format!("sent by {} itself", ctx.node)
-            } else {
-                format!("arrives at {}", ctx.node)
-            },
+            if local_origin { format!("sent by {} itself", ctx.node) } else { format!("arrives at {}", ctx.node) },
         )
     });
 
@@ -136,15 +135,12 @@ pub fn trace(
             None => by_verdict.push((verdict, s.probability)),
         }
     }
-    let verdict = by_verdict
-        .iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(v, _)| *v)
-        .unwrap_or(Verdict::NoMatch);
+    let verdict = by_verdict.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|(v, _)| *v).unwrap_or(Verdict::NoMatch);
 
     let mut outcomes: Vec<Outcome> = Vec::new();
     if verdict == Verdict::Forward {
-        let total: f64 = done.iter().filter(|(s, v)| verdict_of(s, *v) == Verdict::Forward).map(|(s, _)| s.probability).sum();
+        let total: f64 =
+            done.iter().filter(|(s, v)| verdict_of(s, *v) == Verdict::Forward).map(|(s, _)| s.probability).sum();
         for (s, v) in &done {
             if verdict_of(s, *v) != Verdict::Forward {
                 continue;
@@ -154,7 +150,13 @@ pub fn trace(
                 Some(o) => o.probability += s.probability / total,
                 None => {
                     let (node, pod) = topo.locate(&ep.ip);
-                    outcomes.push(Outcome { endpoint: ep, probability: s.probability / total, masquerade: s.masquerade, node, pod })
+                    outcomes.push(Outcome {
+                        endpoint: ep,
+                        probability: s.probability / total,
+                        masquerade: s.masquerade,
+                        node,
+                        pod,
+                    })
                 }
             }
         }
@@ -163,7 +165,8 @@ pub fn trace(
 
     // One sampled path among the branches of the winning verdict.
     let mut seed = seed;
-    let candidates: Vec<&(PacketState, HookVerdict)> = done.iter().filter(|(s, v)| verdict_of(s, *v) == verdict).collect();
+    let candidates: Vec<&(PacketState, HookVerdict)> =
+        done.iter().filter(|(s, v)| verdict_of(s, *v) == verdict).collect();
     let total: f64 = candidates.iter().map(|(s, _)| s.probability).sum();
     let mut pick = next_unit(&mut seed) * total;
     let mut chosen = candidates.first().map(|(s, _)| s.clone());
@@ -174,7 +177,7 @@ pub fn trace(
         }
         pick -= s.probability;
     }
-    let mut hops = chosen.as_ref().map(|s| s.hops.clone()).unwrap_or_default();
+    let mut hops = chosen.as_ref().map(|s| s.hops.to_vec()).unwrap_or_default();
     if let Some(s) = &chosen {
         hops.extend(finish(s, verdict, ctx, topo));
     }
@@ -210,7 +213,9 @@ fn finish(s: &PacketState, verdict: Verdict, ctx: &NodeContext, topo: &Topology)
             let Some(ep) = s.dnat else { return hops };
             let family = s.packet.family();
             let src = if s.masquerade {
-                topo.node_ip(&ctx.node, family).or_else(|| ctx.addresses.iter().copied().find(|ip| IpFamily::of(ip) == family)).unwrap_or(s.original.src)
+                topo.node_ip(&ctx.node, family)
+                    .or_else(|| ctx.addresses.iter().copied().find(|ip| IpFamily::of(ip) == family))
+                    .unwrap_or(s.original.src)
             } else {
                 s.original.src
             };
@@ -229,10 +234,22 @@ fn finish(s: &PacketState, verdict: Verdict, ctx: &NodeContext, topo: &Topology)
                 packet: Some(packet_text(&wire)),
                 ..on(Hop::new("pod", format!("delivered to {pod_name}; it sees source {src}")), &at)
             });
-            let reply = Packet { src: ep.ip, src_port: ep.port, dst: src, dst_port: s.original.src_port, protocol: s.original.protocol };
-            hops.push(Hop { packet: Some(packet_text(&reply)), ..on(Hop::new("reply", format!("{pod_name} replies")), &at) });
+            let reply = Packet {
+                src: ep.ip,
+                src_port: ep.port,
+                dst: src,
+                dst_port: s.original.src_port,
+                protocol: s.original.protocol,
+            };
+            hops.push(Hop {
+                packet: Some(packet_text(&reply)),
+                ..on(Hop::new("reply", format!("{pod_name} replies")), &at)
+            });
             let mut restored = Packet { src: s.original.dst, src_port: s.original.dst_port, ..reply };
-            let mut what = format!("conntrack reverses the DNAT: source back to {}", SocketAddr { ip: s.original.dst, port: s.original.dst_port });
+            let mut what = format!(
+                "conntrack reverses the DNAT: source back to {}",
+                SocketAddr { ip: s.original.dst, port: s.original.dst_port }
+            );
             if s.masquerade {
                 restored.dst = s.original.src;
                 what.push_str(&format!(", and the masquerade: destination back to {}", s.original.src));
@@ -240,7 +257,9 @@ fn finish(s: &PacketState, verdict: Verdict, ctx: &NodeContext, topo: &Topology)
             hops.push(Hop { packet: Some(packet_text(&restored)), ..on(Hop::new("reply conntrack", what), &here) });
             hops.push(on(Hop::new("client", format!("{} receives the reply", s.original.src)), &None));
         }
-        Verdict::Reject => hops.push(on(Hop::new("client", "connection refused (ICMP port unreachable or TCP reset)"), &None)),
+        Verdict::Reject => {
+            hops.push(on(Hop::new("client", "connection refused (ICMP port unreachable or TCP reset)"), &None))
+        }
         Verdict::Drop => hops.push(on(Hop::new("client", "no answer: the packet was dropped"), &None)),
         Verdict::Accept => hops.push(on(Hop::new("input", format!("delivered to a process on {}", ctx.node)), &here)),
         Verdict::NoMatch => {

@@ -1,0 +1,365 @@
+//! Real-kernel loading: every program `render` writes must load, and so must every incremental
+//! transaction applied on top of the program before it.
+//!
+//! For each scenario cluster (this repository's, the public contract-check ones, and the built-in
+//! demo cluster) and each of
+//! its nodes: the full program is loaded into a fresh network namespace (`nft -f -`, or
+//! `iptables-restore` / `ip6tables-restore` for the sections after the `# ip6tables-restore`
+//! line), then the transactions of `switchyard_tests::changes::steps` are applied in order
+//! (`--noflush` for iptables). After each transaction the namespace's ruleset must equal what the
+//! full program of the new cluster gives in a second namespace: the incremental path and the full
+//! path end in the same kernel state.
+//!
+//! Skipped, with the reason printed, when not root or when the tools are missing. Programs that
+//! fail to load are written to `tests/artifacts/kernel/` for inspection.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use switchyard_engine::cluster::Cluster;
+use switchyard_engine::policy::Backend;
+use switchyard_tests::changes;
+use switchyard_tests::netns::{self, Netns};
+use switchyard_tests::scenario;
+
+/// How one backend loads programs and lists what the kernel holds.
+trait Loader {
+    const BACKEND: Backend;
+    const TOOLS: &'static [&'static str];
+    fn load(ns: &Netns, program: &str, incremental: bool) -> Result<(), String>;
+    /// The kernel's state, normalised so that equal rulesets compare equal.
+    fn state(ns: &Netns) -> Result<Vec<String>, String>;
+}
+
+struct Nftables;
+
+impl Loader for Nftables {
+    const BACKEND: Backend = Backend::Nftables;
+    const TOOLS: &'static [&'static str] = &["nft"];
+    fn load(ns: &Netns, program: &str, _incremental: bool) -> Result<(), String> {
+        ns.exec("nft", &["-f", "-"], Some(program)).map(drop)
+    }
+    fn state(ns: &Netns) -> Result<Vec<String>, String> {
+        ns.exec("nft", &["list", "ruleset"], None).map(|s| normalize_nft(&s))
+    }
+}
+
+struct Iptables;
+
+impl Loader for Iptables {
+    const BACKEND: Backend = Backend::Iptables;
+    const TOOLS: &'static [&'static str] =
+        &["iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"];
+    fn load(ns: &Netns, program: &str, incremental: bool) -> Result<(), String> {
+        let (v4, v6) = split_iptables(program);
+        let args: &[&str] = if incremental { &["--noflush"] } else { &[] };
+        for (tool, part) in [("iptables-restore", v4), ("ip6tables-restore", v6)] {
+            if part.lines().any(|l| l.starts_with('*')) {
+                ns.exec(tool, args, Some(part))?;
+            }
+        }
+        Ok(())
+    }
+    fn state(ns: &Netns) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for (family, tool) in [("ipv4", "iptables-save"), ("ipv6", "ip6tables-save")] {
+            out.extend(normalize_iptables(&ns.exec(tool, &[], None)?).into_iter().map(|l| format!("{family} {l}")));
+        }
+        Ok(out)
+    }
+}
+
+/// The IPv4 part (for `iptables-restore`) and the IPv6 part (after the `# ip6tables-restore` line).
+fn split_iptables(program: &str) -> (&str, &str) {
+    let mut offset = 0;
+    for line in program.split_inclusive('\n') {
+        if line.trim_start().starts_with("# ip6tables-restore") {
+            return (&program[..offset], &program[offset..]);
+        }
+        offset += line.len();
+    }
+    (program, "")
+}
+
+/// `nft list ruleset` as sorted lines: every line keyed by the table and set, map or chain it is
+/// in; rules and declarations numbered within their block (their order matters), set and map
+/// elements one per line and unnumbered (the kernel lists them in no fixed order).
+fn normalize_nft(listing: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut table, mut block, mut n, mut in_elements) = (String::new(), String::new(), 0usize, false);
+    for line in listing.lines() {
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        if !in_elements {
+            if t.starts_with("table ") {
+                table = t.trim_end_matches(" {").to_string();
+                block.clear();
+                n = 0;
+                continue;
+            }
+            if ["set ", "map ", "chain ", "flowtable "].iter().any(|p| t.starts_with(p)) {
+                block = t.trim_end_matches(" {").to_string();
+                out.push(format!("{table} / {block}"));
+                n = 0;
+                continue;
+            }
+        }
+        let body = match t.strip_prefix("elements = {") {
+            Some(rest) => {
+                in_elements = true;
+                rest
+            }
+            None if in_elements => t,
+            None => {
+                if t != "}" {
+                    out.push(format!("{table} / {block} / {n:04} {t}"));
+                    n += 1;
+                }
+                continue;
+            }
+        };
+        let (body, closed) = match body.strip_suffix('}') {
+            Some(b) => (b, true),
+            None => (body, false),
+        };
+        for item in body.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            out.push(format!("{table} / {block} / element {item}"));
+        }
+        if closed {
+            in_elements = false;
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `iptables-save` as sorted lines: comments and counters dropped, chains declared in any order,
+/// rules numbered within their chain (their order matters).
+fn normalize_iptables(save: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut table = "";
+    let mut per_chain: BTreeMap<String, usize> = BTreeMap::new();
+    for line in save.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line == "COMMIT" {
+            continue;
+        }
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+            per_chain.clear();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            // `:CHAIN POLICY [packets:bytes]`: the counters are not the program.
+            let decl: Vec<&str> = decl.split_whitespace().take(2).collect();
+            out.push(format!("{table} :{}", decl.join(" ")));
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or_default().to_string();
+            let n = per_chain.entry(chain.clone()).or_default();
+            out.push(format!("{table} {chain} {n:04} -A {rule}"));
+            *n += 1;
+        } else {
+            out.push(format!("{table} {line}"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Saves a program that did not load, and says where.
+fn save_artifact<L: Loader>(scenario: &str, node: &str, step: usize, program: &str) -> String {
+    let dir = switchyard_tests::workspace_root().join("tests/artifacts/kernel").join(L::BACKEND.as_str());
+    let path: PathBuf = dir.join(format!("{scenario}-{node}-{step}.txt"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, program)) {
+        Ok(()) => format!("(program saved to {})", path.display()),
+        Err(e) => format!("(could not save the program: {e})"),
+    }
+}
+
+/// The first lines of a tool's complaint.
+fn first_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let mut out = lines.iter().take(n).copied().collect::<Vec<_>>().join("\n    ");
+    if lines.len() > n {
+        out.push_str(&format!("\n    ... ({} more lines)", lines.len() - n));
+    }
+    out
+}
+
+/// Loads one node's programs and transactions; returns (programs loaded, transactions loaded).
+fn check_node<L: Loader>(name: &str, cluster: &Cluster, node: &str, failures: &mut Vec<String>) -> (usize, usize) {
+    let at = |step: &str| format!("{} {name} node {node}: {step}", L::BACKEND.as_str());
+    let (ns, reference) = match (Netns::new(), Netns::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            failures.push(format!(
+                "{}: cannot make a network namespace: {}",
+                at("setup"),
+                a.err().or(b.err()).unwrap_or_default()
+            ));
+            return (0, 0);
+        }
+    };
+    let full = match switchyard_engine::render(cluster, node, L::BACKEND) {
+        Ok(p) => p,
+        Err(e) => {
+            failures.push(format!("{}: render failed: {e}", at("full program")));
+            return (0, 0);
+        }
+    };
+    if full.trim().is_empty() || (L::BACKEND == Backend::Iptables && !full.lines().any(|l| l.starts_with('*'))) {
+        failures.push(format!("{}: render wrote no program", at("full program")));
+        return (0, 0);
+    }
+    if let Err(e) = L::load(&ns, &full, false) {
+        let saved = save_artifact::<L>(name, node, 0, &full);
+        failures.push(format!("{}: the kernel refused it {saved}:\n    {}", at("full program"), first_lines(&e, 12)));
+        return (0, 0);
+    }
+    let (mut programs, mut transactions) = (1, 0);
+    let mut prev = cluster.clone();
+    for (i, step) in changes::steps(cluster).into_iter().enumerate() {
+        let what = at(&step.what);
+        let tx = match switchyard_engine::render_incremental(&prev, &step.cluster, node, L::BACKEND) {
+            Ok(t) => t,
+            Err(e) => {
+                failures.push(format!("{what}: render_incremental failed: {e}"));
+                return (programs, transactions);
+            }
+        };
+        if let Err(e) = L::load(&ns, &tx, true) {
+            let saved = save_artifact::<L>(name, node, i + 1, &tx);
+            failures.push(format!("{what}: the kernel refused the transaction {saved}:\n    {}", first_lines(&e, 12)));
+            return (programs, transactions);
+        }
+        transactions += 1;
+        // The incremental path must end where the full program of the new cluster does.
+        let new_full = match switchyard_engine::render(&step.cluster, node, L::BACKEND) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{what}: render failed: {e}"));
+                return (programs, transactions);
+            }
+        };
+        if let Err(e) = L::load(&reference, &new_full, false) {
+            let saved = save_artifact::<L>(name, node, i + 1, &new_full);
+            failures.push(format!("{what}: the kernel refused the full program {saved}:\n    {}", first_lines(&e, 12)));
+            return (programs, transactions);
+        }
+        programs += 1;
+        match (L::state(&ns), L::state(&reference)) {
+            (Ok(got), Ok(want)) if got != want => {
+                let saved = save_artifact::<L>(
+                    name,
+                    node,
+                    i + 1,
+                    &format!("{tx}\n# ---- full program of the new cluster\n{new_full}"),
+                );
+                let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).take(5).collect();
+                let missing: Vec<&String> = want.iter().filter(|l| !got.contains(l)).take(5).collect();
+                failures.push(format!(
+                    "{what}: after the transaction the kernel differs from the full program {saved}\n    only after the transaction: {extra:?}\n    only in the full program: {missing:?}"
+                ));
+                return (programs, transactions);
+            }
+            (Err(e), _) | (_, Err(e)) => failures.push(format!("{what}: cannot list the ruleset: {e}")),
+            _ => {}
+        }
+        prev = step.cluster;
+    }
+    (programs, transactions)
+}
+
+fn check_backend<L: Loader>() {
+    if let Some(why) = netns::skip_reason(L::TOOLS) {
+        println!("skipped {} kernel tests: {why}", L::BACKEND.as_str());
+        return;
+    }
+    let mut roots = vec![switchyard_tests::repo_scenarios()];
+    roots.extend(switchyard_tests::shared_scenarios());
+    let mut failures = Vec::new();
+    // One print at the end: tests run in parallel and their lines would interleave.
+    let mut table = format!("\n{} programs in network namespaces\n", L::BACKEND.as_str());
+    let _ = writeln!(table, "{:<40} {:>5} {:>9} {:>13}", "scenario", "nodes", "programs", "transactions");
+    // Every scenario cluster, and the built-in demo cluster (three nodes, every kind of service).
+    let mut clusters: Vec<(String, Result<Cluster, String>)> = Vec::new();
+    for root in roots {
+        clusters.extend(scenario::scenarios(&root).into_iter().map(|s| (s.name.clone(), s.cluster())));
+    }
+    clusters.push(("demo".to_string(), Ok(switchyard_engine::demo::cluster())));
+    for (name, cluster) in clusters {
+        let cluster = match cluster {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{name}: cannot read the cluster: {e}"));
+                continue;
+            }
+        };
+        let (mut programs, mut transactions) = (0, 0);
+        for node in cluster.nodes.keys() {
+            let (p, t) = check_node::<L>(&name, &cluster, node, &mut failures);
+            programs += p;
+            transactions += t;
+        }
+        let _ = writeln!(table, "{name:<40} {:>5} {programs:>9} {transactions:>13}", cluster.nodes.len());
+    }
+    for f in &failures {
+        let _ = writeln!(table, "FAIL {f}");
+    }
+    print!("{table}");
+    assert!(failures.is_empty(), "{} kernel check(s) fail; see the FAIL lines above", failures.len());
+}
+
+/// Every nftables program and transaction loads with `nft -f`, and transactions end where the
+/// full program does.
+#[test]
+fn nftables_programs_load() {
+    check_backend::<Nftables>();
+}
+
+/// Every iptables program loads with `iptables-restore`/`ip6tables-restore`, every transaction
+/// with `--noflush`, and transactions end where the full program does.
+#[test]
+fn iptables_programs_load() {
+    check_backend::<Iptables>();
+}
+
+/// A namespace disappears when its guard is dropped, even on a panic.
+#[test]
+fn namespaces_are_removed_on_drop() {
+    if let Some(why) = netns::skip_reason(&[]) {
+        println!("skipped: {why}");
+        return;
+    }
+    let ns = Netns::new().expect("namespace");
+    let name = ns.name().to_string();
+    let listed = |n: &str| {
+        netns::run("ip", &["netns", "list"], None)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(n))
+    };
+    assert!(listed(&name));
+    let moved = std::panic::catch_unwind(move || {
+        let _held = ns;
+        panic!("test panic inside a namespace");
+    });
+    assert!(moved.is_err());
+    assert!(!listed(&name), "{name} is still there");
+}
+
+#[test]
+fn normalizers_ignore_order_of_elements_and_counters() {
+    let a = "table ip t {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.1, 10.0.0.2,\n\t\t\t     10.0.0.3 }\n\t}\n\tchain c {\n\t\tip daddr @s drop\n\t\taccept\n\t}\n}\n";
+    let b = "table ip t {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.3, 10.0.0.1, 10.0.0.2 }\n\t}\n\tchain c {\n\t\tip daddr @s drop\n\t\taccept\n\t}\n}\n";
+    assert_eq!(normalize_nft(a), normalize_nft(b));
+    let c = b.replace("ip daddr @s drop\n\t\taccept", "accept\n\t\tip daddr @s drop");
+    assert_ne!(normalize_nft(a), normalize_nft(&c), "rule order matters");
+    let s1 = "# x\n*nat\n:A - [3:4]\n:B - [0:0]\n-A A -j B\nCOMMIT\n";
+    let s2 = "*nat\n:B - [0:0]\n:A - [0:0]\n-A A -j B\nCOMMIT\n# y\n";
+    assert_eq!(normalize_iptables(s1), normalize_iptables(s2));
+    assert_eq!(
+        split_iptables("*nat\nCOMMIT\n# ip6tables-restore\n*nat\nCOMMIT\n"),
+        ("*nat\nCOMMIT\n", "# ip6tables-restore\n*nat\nCOMMIT\n")
+    );
+}
