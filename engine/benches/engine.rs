@@ -26,6 +26,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("nftables incremental (1 endpoint change)", |b| {
         b.iter(|| render::nftables::render_incremental(black_box(&plan), black_box(&plan2)))
     });
+    // Service 4242 lives in namespace ns42 (synthetic spreads services over 50 namespaces).
+    let only = [switchyard_engine::model::ObjectKey::new("ns42", "svc4242")].into_iter().collect();
+    g.bench_function("nftables incremental, changed services known (1 endpoint change)", |b| {
+        b.iter(|| render::nftables::render_incremental_for(black_box(&plan), black_box(&plan2), Some(&only)))
+    });
     let iplan = policy::plan(&cluster, "node-a", Backend::Iptables);
     let iplan2 = policy::plan(&changed, "node-a", Backend::Iptables);
     g.bench_function("iptables full render", |b| b.iter(|| render::iptables::render(black_box(&iplan))));

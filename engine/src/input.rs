@@ -104,12 +104,16 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         budget.max_total_scalar_bytes = MAX_INPUT_BYTES;
         let mut options = serde_saphyr::Options::default();
         options.budget = Some(budget);
+        // YAML 1.2 booleans only: a namespace called `n` or `on` is a string, not `false`/`true`.
+        options.strict_booleans = true;
         match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
             Ok(d) => d,
             Err(e) => {
                 let msg = e.to_string();
                 let msg = msg.lines().next().unwrap_or("invalid YAML").to_string();
-                return Err(vec![whole(format!("invalid YAML: {msg}"), 1)]);
+                let line = e.location().map(|l| l.line() as usize).unwrap_or(1);
+                let document = document_at_line(text, line);
+                return Err(vec![whole(format!("invalid YAML at line {line}: {msg}"), document)]);
             }
         }
     };
@@ -150,6 +154,24 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// The 1-based YAML document a line belongs to: a `---` starts a new document once the
+/// current one has content.
+fn document_at_line(text: &str, line: usize) -> usize {
+    let mut doc = 1;
+    let mut has_content = false;
+    for l in text.lines().take(line.saturating_sub(1)) {
+        if l.starts_with("---") {
+            if has_content {
+                doc += 1;
+                has_content = false;
+            }
+        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') {
+            has_content = true;
+        }
+    }
+    doc
 }
 
 fn list_of(items: Vec<Value>) -> Value {
@@ -874,6 +896,13 @@ mod tests {
         let p = parse("l.yaml", text).unwrap();
         assert_eq!(p.objects.len(), 1);
         assert_eq!(p.skipped_kinds.get("Pod"), Some(&1));
+    }
+
+    #[test]
+    fn syntax_errors_name_their_document() {
+        let text = "kind: Node\nmetadata: {name: a}\n---\nkind: Node\nmetadata: {name: [b\n";
+        let errs = parse("y.yaml", text).unwrap_err();
+        assert_eq!(errs[0].document, 2, "{}", errs[0]);
     }
 
     #[test]

@@ -372,7 +372,7 @@ fn plan_port(
             }
         }
     }
-    endpoints.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
+    endpoints.sort_by_key(|e| (e.ip, e.port));
     let hints: BTreeMap<&IpAddr, (&[String], &[String])> = slices
         .iter()
         .flat_map(|s| s.endpoints.iter())

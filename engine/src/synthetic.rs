@@ -39,7 +39,7 @@ pub fn service(i: u32) -> Service {
         external_name: None,
         ports: vec![ServicePort {
             name: "http".into(),
-            protocol: if i % 7 == 0 { Protocol::Udp } else { Protocol::Tcp },
+            protocol: if i.is_multiple_of(7) { Protocol::Udp } else { Protocol::Tcp },
             port: 80,
             target_port: TargetPort::Number(8080),
             node_port: (service_type != ServiceType::ClusterIP).then_some(30000 + (i % 2768) as u16),
@@ -91,7 +91,7 @@ pub fn slice(i: u32, endpoints: u32, generation: u32) -> EndpointSlice {
             .collect(),
         ports: vec![EndpointPort {
             name: "http".into(),
-            protocol: if i % 7 == 0 { Protocol::Udp } else { Protocol::Tcp },
+            protocol: if i.is_multiple_of(7) { Protocol::Udp } else { Protocol::Tcp },
             port: 8080,
         }],
         from_legacy_endpoints: false,

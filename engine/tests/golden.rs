@@ -2,6 +2,8 @@
 //! reviewed like code. `INSTA_UPDATE=always cargo test -p switchyard-engine --test golden`
 //! rewrites them; `git diff` shows what a change did to the rules.
 
+#![allow(clippy::unwrap_used)]
+
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::policy::Backend;
 

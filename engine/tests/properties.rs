@@ -1,6 +1,8 @@
 //! Invariants over random clusters: what the tracer says about the rendered program agrees with
 //! the cluster, and incremental transactions land exactly on the new program.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;

@@ -20,13 +20,13 @@
 //! An endpoint change is then a few element updates. Element comments name the Service and the
 //! field each element comes from.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{IpFamily, Protocol};
+use crate::model::{IpFamily, ObjectKey, Protocol};
 use crate::policy::*;
 
 /// Our table's name, in both families. We never touch any other table.
@@ -393,6 +393,10 @@ trait Sink {
     fn shared(&mut self, set: &'static str, ip: IpAddr, comment: Option<fmt::Arguments>);
     /// A load-balancing chain this service needs.
     fn lb(&mut self, kind: LbKind, n: usize);
+    /// Whether this sink wants elements at all (one that only collects chains does not).
+    fn elements(&self) -> bool {
+        true
+    }
 }
 
 fn verdict_text(v: FilterVerdict) -> &'static str {
@@ -411,18 +415,23 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
     let port = s.port;
     let lb = |sink: &mut dyn Sink, kind: LbKind, key: &dyn fmt::Display, eps: &[PlannedEndpoint], what: &str| {
         sink.lb(kind, eps.len());
+        if !sink.elements() {
+            return;
+        }
         sink.put(
             kind.dispatch_map(),
             format_args!("{key}"),
             Some(format_args!("goto {}", LbChainName(kind, eps.len()))),
             Some(format_args!("{name} {what}")),
         );
+        // The frontend is the prefix of every slot's key: format it once.
+        let key = key.to_string();
         for (slot, e) in eps.iter().enumerate() {
             let target = e.target.as_deref().unwrap_or("");
             sink.put(
                 kind.endpoints_map(),
-                format_args!("{key} . {slot}"),
-                Some(format_args!("{} . {}", FastIp(e.ip), e.port)),
+                format_args!("{key} . {}", FastNum(slot as u32)),
+                Some(format_args!("{} . {}", FastIp(e.ip), FastNum(u32::from(e.port)))),
                 (!large).then_some(format_args!("{name} {target}")),
             );
         }
@@ -568,7 +577,26 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
 struct Frontend(IpAddr, &'static str, u16);
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} . {} . {}", FastIp(self.0), self.1, self.2)
+        write!(f, "{} . {} . {}", FastIp(self.0), self.1, FastNum(u32::from(self.2)))
+    }
+}
+
+/// A number written with one `write_str`, not the formatter's padding machinery.
+struct FastNum(u32);
+impl fmt::Display for FastNum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 10];
+        let mut i = buf.len();
+        let mut n = self.0;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        f.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -688,16 +716,16 @@ fn write_comment(out: &mut String, scratch: &mut String, args: fmt::Arguments) {
 
 /// The full-render sink: elements straight into one text buffer per set.
 struct TextSink {
-    index: HashMap<&'static str, usize>,
+    index: [usize; SET_NAMES.len()],
     bufs: Vec<String>,
     scratch: String,
-    shared: HashSet<(&'static str, IpAddr)>,
+    shared: HashSet<(usize, IpAddr), FastHash>,
     lbs: BTreeSet<(LbKind, usize)>,
 }
 
 impl TextSink {
     fn start(&mut self, set: &'static str) -> Option<&mut String> {
-        let i = *self.index.get(set)?;
+        let i = self.index[set_id(set)?];
         let b = &mut self.bufs[i];
         if !b.is_empty() {
             b.push_str(",\n\t\t\t     ");
@@ -728,7 +756,7 @@ impl Sink for TextSink {
         self.scratch = scratch;
     }
     fn shared(&mut self, set: &'static str, ip: IpAddr, comment: Option<fmt::Arguments>) {
-        if self.shared.insert((set, ip)) {
+        if self.shared.insert((set_id(set).unwrap_or(usize::MAX), ip)) {
             let mut scratch = std::mem::take(&mut self.scratch);
             if let Some(b) = self.start(set) {
                 if set == "hairpin" {
@@ -748,11 +776,14 @@ impl Sink for TextSink {
     }
 }
 
+/// An element's value and comment.
+type ValueAndComment = (Option<String>, Option<String>);
+
 /// The structured sink: elements as (set, key) → (value, comment), the first claimant winning
 /// as nft's `add element` does.
 #[derive(Default)]
 struct MapSink {
-    elements: BTreeMap<(&'static str, String), (Option<String>, Option<String>)>,
+    elements: BTreeMap<(&'static str, String), ValueAndComment>,
     lbs: BTreeSet<(LbKind, usize)>,
     scratch: String,
 }
@@ -786,18 +817,56 @@ impl Sink for MapSink {
     }
 }
 
-/// A sink that only records which load-balancing chains are needed.
+/// A sink that only records which load-balancing chains are needed (checks [`lb_needs`]).
+#[cfg(test)]
 #[derive(Default)]
 struct ChainNeeds {
     lbs: BTreeSet<(LbKind, usize)>,
 }
 
+#[cfg(test)]
 impl Sink for ChainNeeds {
     fn put(&mut self, _: &'static str, _: fmt::Arguments, _: Option<fmt::Arguments>, _: Option<fmt::Arguments>) {}
     fn shared(&mut self, _: &'static str, _: IpAddr, _: Option<fmt::Arguments>) {}
     fn lb(&mut self, kind: LbKind, n: usize) {
         self.lbs.insert((kind, n));
     }
+    fn elements(&self) -> bool {
+        false
+    }
+}
+
+/// The load-balancing chains a family needs: what [`contributions`] asks of a [`Sink`]'s
+/// `lb`, computed without touching elements (the incremental path runs it on every service).
+fn lb_needs(fam: &FamilyPlan) -> BTreeSet<(LbKind, usize)> {
+    let mut v: Vec<(LbKind, usize)> = Vec::new();
+    let mut add = |k: LbKind, n: usize| {
+        if !v.contains(&(k, n)) {
+            v.push((k, n));
+        }
+    };
+    for s in &fam.services {
+        if let Some(eps) = s.internal_endpoints() {
+            add(LbKind::Ip, eps.len());
+        }
+        if !s.captures_external() {
+            continue;
+        }
+        let local = s.external_policy_local && !s.local_endpoints.is_empty();
+        if !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty() {
+            add(LbKind::Ip, s.cluster_endpoints.len());
+            if local {
+                add(LbKind::LocalIp, s.local_endpoints.len());
+            }
+        }
+        if s.node_port.is_some() {
+            add(LbKind::NodePort, s.cluster_endpoints.len());
+            if local {
+                add(LbKind::LocalNodePort, s.local_endpoints.len());
+            }
+        }
+    }
+    v.into_iter().collect()
 }
 
 /// Elements that come from family-level settings rather than services.
@@ -895,13 +964,36 @@ fn write_family(out: &mut String, fam: &FamilyPlan, node: &str) {
     let f = names(fam.family).fam;
     let sets = declare_sets(fam);
     let mut sink = TextSink {
-        index: sets.keys().enumerate().map(|(i, k)| (set_name(k), i)).collect(),
+        index: {
+            let mut ix = [0; SET_NAMES.len()];
+            for (i, k) in sets.keys().enumerate() {
+                if let Some(id) = set_id(k) {
+                    ix[id] = i;
+                }
+            }
+            ix
+        },
         bufs: vec![String::new(); sets.len()],
         scratch: String::new(),
-        shared: HashSet::new(),
+        shared: HashSet::with_hasher(FastHash),
         lbs: BTreeSet::new(),
     };
     let large = is_large(fam);
+    // Size the big buffers up front: growing them by doubling copies megabytes.
+    let endpoints: usize = fam.services.iter().map(|s| s.cluster_endpoints.len() + s.local_endpoints.len()).sum();
+    let per_element = if large { 40 } else { 90 };
+    for (set, n) in [
+        ("endpoints-ips", endpoints * 2),
+        ("endpoints-nodeports", endpoints),
+        ("hairpin", endpoints),
+        ("service-ips", fam.services.len() * 2),
+        ("lb-ips", fam.services.len() * 2),
+        ("cluster-ips", fam.services.len()),
+    ] {
+        if let Some(id) = set_id(set) {
+            sink.bufs[sink.index[id]].reserve(n * per_element);
+        }
+    }
     for s in &fam.services {
         contributions(s, large, &mut sink);
     }
@@ -931,33 +1023,75 @@ fn write_family(out: &mut String, fam: &FamilyPlan, node: &str) {
     out.push_str("}\n");
 }
 
-/// The static name of a declared set (the sink API takes `&'static str`).
-fn set_name(name: &str) -> &'static str {
-    const NAMES: &[&str] = &[
-        "cluster-ips",
-        "service-cidrs",
-        "local-pod-cidrs",
-        "nodeport-ips",
-        "hairpin",
-        "health-check-ports",
-        "service-ips",
-        "service-nodeports",
-        "lb-ips",
-        "lb-local-ips",
-        "lb-nodeports",
-        "lb-local-nodeports",
-        "endpoints-ips",
-        "endpoints-local-ips",
-        "endpoints-nodeports",
-        "endpoints-local-nodeports",
-        "affinity",
-        "affinity-services",
-        "firewall-protected",
-        "firewall-allowed",
-        "no-endpoint-services",
-        "no-endpoint-nodeports",
-    ];
-    NAMES.iter().find(|n| **n == name).copied().unwrap_or("")
+const SET_NAMES: [&str; 22] = [
+    "cluster-ips",
+    "service-cidrs",
+    "local-pod-cidrs",
+    "nodeport-ips",
+    "hairpin",
+    "health-check-ports",
+    "service-ips",
+    "service-nodeports",
+    "lb-ips",
+    "lb-local-ips",
+    "lb-nodeports",
+    "lb-local-nodeports",
+    "endpoints-ips",
+    "endpoints-local-ips",
+    "endpoints-nodeports",
+    "endpoints-local-nodeports",
+    "affinity",
+    "affinity-services",
+    "firewall-protected",
+    "firewall-allowed",
+    "no-endpoint-services",
+    "no-endpoint-nodeports",
+];
+
+/// A declared set's index in [`SET_NAMES`]; a match on the name is cheaper than hashing it.
+fn set_id(name: &str) -> Option<usize> {
+    SET_NAMES.iter().position(|n| *n == name)
+}
+
+/// An FxHash-style hasher: the render hashes 100,000 addresses, SipHash's DoS resistance buys
+/// nothing here.
+#[derive(Clone, Copy, Default)]
+struct FastHash;
+
+struct FastHasher(u64);
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
+    }
+}
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        // A final avalanche so the low bits (the bucket index) depend on every input byte.
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
 }
 
 fn write_element(out: &mut String, key: &str, e: &Element) {
@@ -1025,10 +1159,16 @@ pub fn write_table(out: &mut String, t: &Table) {
 /// adds and deletes, chains added, rewritten or deleted, and a whole-table replacement only when
 /// family-level settings changed. Empty when nothing changed.
 pub fn render_incremental(old: &NodePlan, new: &NodePlan) -> String {
+    render_incremental_for(old, new, None)
+}
+
+/// [`render_incremental`] when the caller knows which services changed (the agent's sync loop
+/// does): only those are compared, so one endpoint change costs the same at any cluster size.
+pub fn render_incremental_for(old: &NodePlan, new: &NodePlan, changed: Option<&BTreeSet<ObjectKey>>) -> String {
     let mut out = String::new();
     for nf in &new.families {
         match old.family(nf.family) {
-            Some(of) if same_settings(of, nf) => diff_family(&mut out, of, nf),
+            Some(of) if same_settings(of, nf) => diff_family(&mut out, of, nf, changed),
             _ => write_family(&mut out, nf, &new.node),
         }
     }
@@ -1052,15 +1192,39 @@ fn same_settings(a: &FamilyPlan, b: &FamilyPlan) -> bool {
         && a.service_cidrs == b.service_cidrs
 }
 
-/// Service ports that differ between two plans (both sorted by name, then cluster IP).
-fn changed<'a>(of: &'a FamilyPlan, nf: &'a FamilyPlan) -> (Vec<&'a ServicePortPlan>, Vec<&'a ServicePortPlan>) {
+/// Service ports that differ between two plans, among the given services or all of them.
+fn changed<'a>(
+    of: &'a FamilyPlan,
+    nf: &'a FamilyPlan,
+    only: Option<&BTreeSet<ObjectKey>>,
+) -> (Vec<&'a ServicePortPlan>, Vec<&'a ServicePortPlan>) {
+    let Some(only) = only else { return changed_in(&of.services, &nf.services) };
+    let range = |v: &'a [ServicePortPlan], k: &ObjectKey| {
+        let lo = v.partition_point(|s| &s.name.service < k);
+        let hi = v.partition_point(|s| &s.name.service <= k);
+        &v[lo..hi]
+    };
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    for k in only {
+        let (o, n) = changed_in(range(&of.services, k), range(&nf.services, k));
+        old.extend(o);
+        new.extend(n);
+    }
+    (old, new)
+}
+
+/// Service ports that differ between two lists sorted by name, then cluster IP.
+fn changed_in<'a>(
+    of: &'a [ServicePortPlan],
+    nf: &'a [ServicePortPlan],
+) -> (Vec<&'a ServicePortPlan>, Vec<&'a ServicePortPlan>) {
     fn key(s: &ServicePortPlan) -> (&ServicePortName, IpAddr) {
         (&s.name, s.cluster_ip)
     }
     let (mut i, mut j) = (0, 0);
     let (mut old, mut new) = (Vec::new(), Vec::new());
-    while i < of.services.len() || j < nf.services.len() {
-        match (of.services.get(i), nf.services.get(j)) {
+    while i < of.len() || j < nf.len() {
+        match (of.get(i), nf.get(j)) {
             (Some(a), Some(b)) if key(a) == key(b) => {
                 if a != b {
                     old.push(a);
@@ -1087,9 +1251,9 @@ fn changed<'a>(of: &'a FamilyPlan, nf: &'a FamilyPlan) -> (Vec<&'a ServicePortPl
     (old, new)
 }
 
-fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan) {
+fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<&BTreeSet<ObjectKey>>) {
     let f = names(nf.family).fam;
-    let (old_changed, new_changed) = changed(of, nf);
+    let (old_changed, new_changed) = changed(of, nf, only);
     if old_changed.is_empty() && new_changed.is_empty() {
         return;
     }
@@ -1101,11 +1265,10 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan) {
     for s in &new_changed {
         contributions(s, large_new, &mut after);
     }
-    // Shared elements (cluster IPs, hairpin pairs, health-check ports) stay while an unchanged
-    // service still has them.
-    let changed_names: HashSet<(&ServicePortName, IpAddr)> =
-        new_changed.iter().map(|s| (&s.name, s.cluster_ip)).collect();
-    let unchanged = || nf.services.iter().filter(|s| !changed_names.contains(&(&s.name, s.cluster_ip)));
+    // Shared elements (cluster IPs, hairpin pairs, health-check ports) stay while another
+    // service still has them. Changed services' new elements are in `after` already, so
+    // scanning every service of the new plan is right.
+    let unchanged = || nf.services.iter();
     let still_used = |set: &str, k: &str| -> bool {
         let ip: Option<IpAddr> = k.split(" . ").next().and_then(|a| a.parse().ok());
         match set {
@@ -1138,13 +1301,7 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan) {
         }
     }
     // Load-balancing and affinity chains: add the ones now needed, delete the ones unused.
-    let needs = |fam: &FamilyPlan| {
-        let mut n = ChainNeeds::default();
-        for s in &fam.services {
-            contributions(s, true, &mut n);
-        }
-        dynamic_chains(fam, &n.lbs)
-    };
+    let needs = |fam: &FamilyPlan| dynamic_chains(fam, &lb_needs(fam));
     let (old_chains, new_chains) = (needs(of), needs(nf));
     for c in new_chains.values() {
         match old_chains.get(&c.name) {
@@ -1173,6 +1330,28 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan) {
     for name in old_chains.keys() {
         if !new_chains.contains_key(name) {
             let _ = writeln!(out, "delete chain {f} {TABLE} {name}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast chain count agrees with what the element writer asks for.
+    #[test]
+    fn lb_needs_match_contributions() {
+        for cluster in [crate::synthetic::cluster(200, 3), crate::demo::cluster()] {
+            for node in cluster.nodes.keys() {
+                let plan = crate::policy::plan(&cluster, node, Backend::Nftables);
+                for fam in &plan.families {
+                    let mut n = ChainNeeds::default();
+                    for s in &fam.services {
+                        contributions(s, true, &mut n);
+                    }
+                    assert_eq!(lb_needs(fam), n.lbs, "node {node}");
+                }
+            }
         }
     }
 }

@@ -1079,32 +1079,37 @@ struct Exec<'a> {
 
 /// The values a key takes for one packet: usually one; `numgen random mod N` forks N ways.
 fn key_values(fields: &[Field], s: &PacketState) -> Option<Vec<(String, f64)>> {
-    let mut keys = vec![(String::new(), 1.0)];
-    for (i, f) in fields.iter().enumerate() {
-        let vals: Vec<(String, f64)> = match f {
-            Field::Saddr => vec![(s.packet.src.to_string(), 1.0)],
-            Field::Daddr => vec![(s.packet.dst.to_string(), 1.0)],
-            Field::L4proto => vec![(s.packet.protocol.as_str().to_string(), 1.0)],
-            Field::Dport(p) | Field::Sport(p) => {
-                if p.is_some_and(|p| p != s.packet.protocol) {
-                    return None;
+    use std::fmt::Write as _;
+    // The common case has no `numgen`: one key, built in one buffer.
+    let forks = fields.iter().find_map(|f| if let Field::Numgen(n) = f { Some(*n) } else { None }).unwrap_or(1);
+    let mut keys = Vec::with_capacity(forks as usize);
+    for k in 0..forks {
+        let mut key = String::with_capacity(48);
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                key.push_str(" . ");
+            }
+            let _ = match f {
+                Field::Saddr => write!(key, "{}", s.packet.src),
+                Field::Daddr => write!(key, "{}", s.packet.dst),
+                Field::L4proto => {
+                    key.push_str(s.packet.protocol.as_str());
+                    Ok(())
                 }
-                let port = if matches!(f, Field::Dport(_)) { s.packet.dst_port } else { s.packet.src_port };
-                vec![(port.to_string(), 1.0)]
-            }
-            Field::Numgen(n) => (0..*n).map(|k| (k.to_string(), 1.0 / *n as f64)).collect(),
-            Field::CtOrigDaddr => vec![(s.original.dst.to_string(), 1.0)],
-            Field::CtOrigProtoDst => vec![(s.original.dst_port.to_string(), 1.0)],
-            Field::Mark => vec![(format!("0x{:08x}", s.mark), 1.0)],
-        };
-        let mut next = Vec::with_capacity(keys.len() * vals.len());
-        for (k, w) in &keys {
-            for (v, w2) in &vals {
-                let nk = if i == 0 { v.clone() } else { format!("{k} . {v}") };
-                next.push((nk, w * w2));
-            }
+                Field::Dport(p) | Field::Sport(p) => {
+                    if p.is_some_and(|p| p != s.packet.protocol) {
+                        return None;
+                    }
+                    let port = if matches!(f, Field::Dport(_)) { s.packet.dst_port } else { s.packet.src_port };
+                    write!(key, "{port}")
+                }
+                Field::Numgen(_) => write!(key, "{k}"),
+                Field::CtOrigDaddr => write!(key, "{}", s.original.dst),
+                Field::CtOrigProtoDst => write!(key, "{}", s.original.dst_port),
+                Field::Mark => write!(key, "0x{:08x}", s.mark),
+            };
         }
-        keys = next;
+        keys.push((key, 1.0 / f64::from(forks)));
     }
     Some(keys)
 }
@@ -1330,9 +1335,8 @@ impl Exec<'_> {
             for (s, flow) in self.rule(name, rule, s) {
                 match flow {
                     Flow::Next | Flow::NoMatch => work.push((s, i + 1)),
+                    // Jumps are not hops of their own: the rules that act inside name their chain.
                     Flow::Jump(t) => {
-                        let mut s = s;
-                        self.hop(&mut s, name, rule, format!("jump {t}"), None);
                         for (s, f) in self.chain(&t, s, depth + 1) {
                             match f {
                                 Flow::Return | Flow::Next | Flow::NoMatch => work.push((s, i + 1)),
