@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod demo;
 pub mod dns;
+pub mod fasthash;
 pub mod flow;
 pub mod input;
 pub mod model;

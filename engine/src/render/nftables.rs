@@ -26,6 +26,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::fasthash::FastHash;
 use crate::model::{IpFamily, ObjectKey, Protocol};
 use crate::policy::*;
 
@@ -1051,47 +1052,6 @@ const SET_NAMES: [&str; 22] = [
 /// A declared set's index in [`SET_NAMES`]; a match on the name is cheaper than hashing it.
 fn set_id(name: &str) -> Option<usize> {
     SET_NAMES.iter().position(|n| *n == name)
-}
-
-/// An FxHash-style hasher: the render hashes 100,000 addresses, SipHash's DoS resistance buys
-/// nothing here.
-#[derive(Clone, Copy, Default)]
-struct FastHash;
-
-struct FastHasher(u64);
-
-impl std::hash::BuildHasher for FastHash {
-    type Hasher = FastHasher;
-    fn build_hasher(&self) -> FastHasher {
-        FastHasher(0)
-    }
-}
-
-impl std::hash::Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        // A final avalanche so the low bits (the bucket index) depend on every input byte.
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.write_u64(i as u64);
-    }
 }
 
 fn write_element(out: &mut String, key: &str, e: &Element) {

@@ -7,6 +7,8 @@
 //! so a real node's ruleset (foreign tables included) can still be traced.
 
 use std::collections::{BTreeMap, HashMap};
+
+use crate::fasthash::FastHash;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -960,7 +962,7 @@ impl RuleParser<'_> {
 
 struct SetP {
     /// Exact elements by canonical key.
-    exact: HashMap<String, (Option<String>, Option<String>)>,
+    exact: HashMap<String, (Option<String>, Option<String>), FastHash>,
     /// Elements with ranges, scanned.
     ranges: Vec<(Vec<String>, Option<String>, Option<String>)>,
 }
@@ -973,13 +975,16 @@ struct ChainP {
 struct TableP {
     family: String,
     name: String,
-    sets: HashMap<String, SetP>,
-    chains: HashMap<String, ChainP>,
+    sets: HashMap<String, SetP, FastHash>,
+    chains: HashMap<String, ChainP, FastHash>,
 }
 
 /// A parsed nftables program, ready to run packets through.
 pub struct Program {
     tables: Vec<TableP>,
+    /// For each (packet family, hook): the base chains to run, in priority order, as
+    /// (table index, chain name).
+    hooks: Vec<((&'static str, Hook), Vec<(usize, String)>)>,
 }
 
 impl Program {
@@ -998,7 +1003,10 @@ impl Program {
                     .values()
                     .map(|s| {
                         let interval = s.flags.iter().any(|f| f == "interval");
-                        let mut p = SetP { exact: HashMap::with_capacity(s.elements.len()), ranges: Vec::new() };
+                        let mut p = SetP {
+                            exact: HashMap::with_capacity_and_hasher(s.elements.len(), FastHash),
+                            ranges: Vec::new(),
+                        };
                         for (k, e) in &s.elements {
                             if interval || k.contains('/') || k.contains('-') {
                                 p.ranges.push((
@@ -1024,8 +1032,26 @@ impl Program {
                     })
                     .collect(),
             })
-            .collect();
-        Program { tables }
+            .collect::<Vec<TableP>>();
+        let mut hooks = Vec::new();
+        for fam in ["ip", "ip6"] {
+            for hook in [Hook::Prerouting, Hook::Input, Hook::Forward, Hook::Output, Hook::Postrouting] {
+                let mut chains: Vec<(i32, usize, String)> = Vec::new();
+                for (i, t) in tables.iter().enumerate().filter(|(_, t)| t.family == fam || t.family == "inet") {
+                    for (name, c) in &t.chains {
+                        if let Some(b) = &c.base
+                            && b.hook == hook.as_str()
+                            && matches!(b.kind.as_str(), "filter" | "nat")
+                        {
+                            chains.push((b.priority, i, name.clone()));
+                        }
+                    }
+                }
+                chains.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+                hooks.push(((fam, hook), chains.into_iter().map(|(_, i, n)| (i, n)).collect()));
+            }
+        }
+        Program { tables, hooks }
     }
 }
 
@@ -1144,46 +1170,26 @@ impl Exec<'_> {
         });
     }
 
-    /// Runs one rule: every expression in order; a non-match stops it.
-    fn rule(&self, chain: &str, rule: &Rule, s: PacketState) -> Vec<(PacketState, Flow)> {
-        let mut states = vec![s];
-        for e in &rule.exprs {
-            let mut next = Vec::new();
-            let mut ended = Vec::new();
-            for mut s in states {
-                match self.expr(chain, rule, e, &mut s) {
-                    ExprResult::Match => next.push(s),
-                    ExprResult::NoMatch => ended.push((s, Flow::NoMatch)),
-                    ExprResult::Ends(f) => ended.push((s, f)),
-                    ExprResult::Fork(v) => {
-                        for (s, f) in v {
-                            match f {
-                                None => next.push(s),
-                                Some(f) => ended.push((s, f)),
-                            }
+    /// Runs one rule from expression `start`: every expression in order; a non-match stops it.
+    /// One state goes through without allocating until an expression forks it.
+    fn rule(&self, chain: &str, rule: &Rule, start: usize, mut s: PacketState, out: &mut Vec<(PacketState, Flow)>) {
+        for (idx, e) in rule.exprs.iter().enumerate().skip(start) {
+            match self.expr(chain, rule, e, &mut s) {
+                ExprResult::Match => {}
+                ExprResult::NoMatch => return out.push((s, Flow::NoMatch)),
+                ExprResult::Ends(f) => return out.push((s, f)),
+                ExprResult::Fork(branches) => {
+                    for (b, f) in branches {
+                        match f {
+                            Some(f) => out.push((b, f)),
+                            None => self.rule(chain, rule, idx + 1, b, out),
                         }
                     }
+                    return;
                 }
             }
-            if next.is_empty() {
-                return ended;
-            }
-            // Forked branches that ended keep their flow; the rest continue.
-            if !ended.is_empty() {
-                let mut rest = self.rule_tail(chain, rule, e, next);
-                ended.append(&mut rest);
-                return ended;
-            }
-            states = next;
         }
-        states.into_iter().map(|s| (s, Flow::Next)).collect()
-    }
-
-    /// Continues a rule after expression `after` for states that are still matching.
-    fn rule_tail(&self, chain: &str, rule: &Rule, after: &Expr, states: Vec<PacketState>) -> Vec<(PacketState, Flow)> {
-        let pos = rule.exprs.iter().position(|e| std::ptr::eq(e, after)).map(|p| p + 1).unwrap_or(rule.exprs.len());
-        let tail = Rule { text: rule.text.clone(), comment: rule.comment.clone(), exprs: rule.exprs[pos..].to_vec() };
-        states.into_iter().flat_map(|s| self.rule(chain, &tail, s)).collect()
+        out.push((s, Flow::Next));
     }
 
     fn expr(&self, chain: &str, rule: &Rule, e: &Expr, s: &mut PacketState) -> ExprResult {
@@ -1332,7 +1338,9 @@ impl Exec<'_> {
                 out.push((s, Flow::Return));
                 continue;
             };
-            for (s, flow) in self.rule(name, rule, s) {
+            let mut results = Vec::new();
+            self.rule(name, rule, 0, s, &mut results);
+            for (s, flow) in results {
                 match flow {
                     Flow::Next | Flow::NoMatch => work.push((s, i + 1)),
                     // Jumps are not hops of their own: the rules that act inside name their chain.
@@ -1409,22 +1417,11 @@ impl Netfilter for Program {
             crate::model::IpFamily::V4 => "ip",
             crate::model::IpFamily::V6 => "ip6",
         };
-        let mut chains: Vec<(i32, &TableP, &str)> = Vec::new();
-        for t in self.tables.iter().filter(|t| t.family == fam || t.family == "inet") {
-            for (name, c) in &t.chains {
-                if let Some(b) = &c.base
-                    && b.hook == hook.as_str()
-                    && matches!(b.kind.as_str(), "filter" | "nat")
-                {
-                    chains.push((b.priority, t, name.as_str()));
-                }
-            }
-        }
-        chains.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(b.2)));
+        let chains = self.hooks.iter().find(|(k, _)| *k == (fam, hook)).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
         let mut live = vec![state];
         let mut ended = Vec::new();
-        for (_, table, name) in chains {
-            let exec = Exec { table, hook, ctx };
+        for (ti, name) in chains {
+            let exec = Exec { table: &self.tables[*ti], hook, ctx };
             let mut next = Vec::new();
             for s in live {
                 for (s, flow) in exec.chain(name, s, 0) {
