@@ -979,12 +979,15 @@ struct TableP {
     chains: HashMap<String, ChainP, FastHash>,
 }
 
+/// A base chain to run: (table index, chain name).
+type BaseChainRef = (usize, String);
+
 /// A parsed nftables program, ready to run packets through.
 pub struct Program {
     tables: Vec<TableP>,
     /// For each (packet family, hook): the base chains to run, in priority order, as
     /// (table index, chain name).
-    hooks: Vec<((&'static str, Hook), Vec<(usize, String)>)>,
+    hooks: Vec<((&'static str, Hook), Vec<BaseChainRef>)>,
 }
 
 impl Program {
