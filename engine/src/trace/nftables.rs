@@ -1085,6 +1085,10 @@ fn atom_matches(elem: &str, value: &str) -> bool {
 }
 
 impl SetP {
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.ranges.is_empty()
+    }
+
     fn lookup(&self, key: &str) -> Option<(Option<String>, Option<String>)> {
         if let Some(e) = self.exact.get(key) {
             return Some(e.clone());
@@ -1199,6 +1203,11 @@ impl Exec<'_> {
         use ExprResult::*;
         match e {
             Expr::Cmp { fields, neg, rhs } => {
+                if let Rhs::Set(name) = rhs
+                    && self.table.sets.get(name).is_none_or(SetP::is_empty)
+                {
+                    return if *neg { Match } else { NoMatch };
+                }
                 let Some(keys) = key_values(fields, s) else { return NoMatch };
                 let key = &keys[0].0;
                 let found = match rhs {
@@ -1270,6 +1279,12 @@ impl Exec<'_> {
                 _ => Match,
             },
             Expr::Vmap { fields, map } => {
+                // Most maps of a program are empty for most packets' keys; an empty one cannot match.
+                if let MapRef::Named(name) = map
+                    && self.table.sets.get(name).is_none_or(SetP::is_empty)
+                {
+                    return NoMatch;
+                }
                 let Some(keys) = key_values(fields, s) else { return NoMatch };
                 let mut out = Vec::new();
                 for (key, w) in keys {
@@ -1329,48 +1344,84 @@ impl Exec<'_> {
         }
     }
 
-    fn chain(&self, name: &str, s: PacketState, depth: usize) -> Vec<(PacketState, Flow)> {
-        let Some(ch) = self.table.chains.get(name) else { return vec![(s, Flow::Return)] };
-        if depth > 32 {
-            return vec![(s, Flow::Return)];
+    /// Runs chain `name` over one state; every way it can end is pushed to `out`.
+    fn chain(&self, name: &str, s: PacketState, depth: usize, out: &mut Vec<(PacketState, Flow)>) {
+        match self.table.chains.get(name) {
+            Some(ch) if depth <= 32 => self.chain_from(name, ch, 0, s, depth, out),
+            _ => out.push((s, Flow::Return)),
         }
-        let mut out = Vec::new();
-        let mut work = vec![(s, 0usize)];
-        while let Some((s, i)) = work.pop() {
-            let Some(rule) = ch.rules.get(i) else {
-                out.push((s, Flow::Return));
-                continue;
-            };
-            let mut results = Vec::new();
+    }
+
+    /// Runs a chain from rule `i`. One state walks the rules in a loop; only a fork (a
+    /// load-balancing choice) or a jump that forks recurses.
+    fn chain_from(
+        &self,
+        name: &str,
+        ch: &ChainP,
+        mut i: usize,
+        mut s: PacketState,
+        depth: usize,
+        out: &mut Vec<(PacketState, Flow)>,
+    ) {
+        let mut results: Vec<(PacketState, Flow)> = Vec::new();
+        loop {
+            let Some(rule) = ch.rules.get(i) else { return out.push((s, Flow::Return)) };
             self.rule(name, rule, 0, s, &mut results);
-            for (s, flow) in results {
-                match flow {
-                    Flow::Next | Flow::NoMatch => work.push((s, i + 1)),
-                    // Jumps are not hops of their own: the rules that act inside name their chain.
-                    Flow::Jump(t) => {
-                        for (s, f) in self.chain(&t, s, depth + 1) {
-                            match f {
-                                Flow::Return | Flow::Next | Flow::NoMatch => work.push((s, i + 1)),
-                                other => out.push((s, other)),
-                            }
-                        }
-                    }
-                    Flow::Goto(t) => {
-                        let mut s = s;
-                        if !rule.exprs.iter().any(|e| matches!(e, Expr::Vmap { .. })) {
-                            self.hop(&mut s, name, rule, format!("goto {t}"), None);
-                        }
-                        out.extend(self.chain(&t, s, depth + 1).into_iter().map(|(s, f)| match f {
-                            Flow::Next | Flow::NoMatch => (s, Flow::Return),
-                            other => (s, other),
-                        }));
-                    }
-                    Flow::Return => out.push((s, Flow::Return)),
-                    Flow::Final(v) => out.push((s, Flow::Final(v))),
+            if results.len() == 1 && matches!(results[0].1, Flow::Next | Flow::NoMatch) {
+                if let Some((next, _)) = results.pop() {
+                    s = next;
+                    i += 1;
+                    continue;
                 }
             }
+            for (st, flow) in std::mem::take(&mut results) {
+                self.follow(name, ch, rule, i, st, flow, depth, out);
+            }
+            return;
         }
-        out
+    }
+
+    /// Where one branch goes after rule `i` ended with `flow`.
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        &self,
+        name: &str,
+        ch: &ChainP,
+        rule: &Rule,
+        i: usize,
+        s: PacketState,
+        flow: Flow,
+        depth: usize,
+        out: &mut Vec<(PacketState, Flow)>,
+    ) {
+        match flow {
+            Flow::Next | Flow::NoMatch => self.chain_from(name, ch, i + 1, s, depth, out),
+            // Jumps are not hops of their own: the rules that act inside name their chain.
+            Flow::Jump(t) => {
+                let mut sub = Vec::new();
+                self.chain(&t, s, depth + 1, &mut sub);
+                for (s, f) in sub {
+                    match f {
+                        Flow::Return | Flow::Next | Flow::NoMatch => self.chain_from(name, ch, i + 1, s, depth, out),
+                        other => out.push((s, other)),
+                    }
+                }
+            }
+            Flow::Goto(t) => {
+                let mut s = s;
+                if !rule.exprs.iter().any(|e| matches!(e, Expr::Vmap { .. })) {
+                    self.hop(&mut s, name, rule, format!("goto {t}"), None);
+                }
+                let mut sub = Vec::new();
+                self.chain(&t, s, depth + 1, &mut sub);
+                out.extend(sub.into_iter().map(|(s, f)| match f {
+                    Flow::Next | Flow::NoMatch => (s, Flow::Return),
+                    other => (s, other),
+                }));
+            }
+            Flow::Return => out.push((s, Flow::Return)),
+            Flow::Final(v) => out.push((s, Flow::Final(v))),
+        }
     }
 }
 
@@ -1427,7 +1478,9 @@ impl Netfilter for Program {
             let exec = Exec { table: &self.tables[*ti], hook, ctx };
             let mut next = Vec::new();
             for s in live {
-                for (s, flow) in exec.chain(name, s, 0) {
+                let mut results = Vec::new();
+                exec.chain(name, s, 0, &mut results);
+                for (s, flow) in results {
                     match flow {
                         Flow::Final(HookVerdict::Drop) => ended.push((s, HookVerdict::Drop)),
                         Flow::Final(HookVerdict::Reject) => ended.push((s, HookVerdict::Reject)),
