@@ -19,6 +19,8 @@ fn bench(c: &mut Criterion) {
 
     let plan = policy::plan(&cluster, "node-a", Backend::Nftables);
     let plan2 = policy::plan(&changed, "node-a", Backend::Nftables);
+    // Service 4242 lives in namespace ns42 (synthetic spreads services over 50 namespaces).
+    let only = [switchyard_engine::model::ObjectKey::new("ns42", "svc4242")].into_iter().collect();
     let mut g = c.benchmark_group("10k-services-x10");
     g.sample_size(10);
     g.bench_function("plan", |b| b.iter(|| policy::plan(black_box(&cluster), "node-a", Backend::Nftables)));
@@ -26,8 +28,6 @@ fn bench(c: &mut Criterion) {
     g.bench_function("nftables incremental (1 endpoint change)", |b| {
         b.iter(|| render::nftables::render_incremental(black_box(&plan), black_box(&plan2)))
     });
-    // Service 4242 lives in namespace ns42 (synthetic spreads services over 50 namespaces).
-    let only = [switchyard_engine::model::ObjectKey::new("ns42", "svc4242")].into_iter().collect();
     g.bench_function("nftables incremental, changed services known (1 endpoint change)", |b| {
         b.iter(|| render::nftables::render_incremental_for(black_box(&plan), black_box(&plan2), Some(&only)))
     });
@@ -36,6 +36,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("iptables full render", |b| b.iter(|| render::iptables::render(black_box(&iplan))));
     g.bench_function("iptables incremental (1 endpoint change)", |b| {
         b.iter(|| render::iptables::render_incremental(black_box(&iplan), black_box(&iplan2)))
+    });
+    g.bench_function("iptables incremental, changed services known (1 endpoint change)", |b| {
+        b.iter(|| render::iptables::render_incremental_for(black_box(&iplan), black_box(&iplan2), Some(&only)))
     });
 
     let ctx = NodeContext { node: "node-a".into(), addresses: vec!["192.168.0.1".parse().expect("ip")] };

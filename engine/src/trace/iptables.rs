@@ -10,13 +10,14 @@
 //! [`Program::apply`] models `iptables-restore --noflush`, so that a transaction can be checked
 //! by value against the program it should produce.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use super::{Hook, HookVerdict, Hop, Netfilter, NodeContext, PacketState, SocketAddr};
+use crate::fasthash::FastHash;
 use crate::model::{IpFamily, Protocol};
 
 /// A line of a program that could not be read (or, for [`Program::apply`], not applied).
@@ -48,11 +49,81 @@ pub struct Table {
     pub chains: BTreeMap<String, Chain>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Chain {
     /// A builtin chain's policy (`ACCEPT`, `DROP`); `None` for user-defined chains.
     pub policy: Option<String>,
     pub rules: Vec<Rule>,
+    /// For long chains: which rules can match a destination (see [`DstIndex`]). Rebuilt after
+    /// every parse or apply; not part of the chain's meaning.
+    index: Option<std::sync::Arc<DstIndex>>,
+}
+
+impl PartialEq for Chain {
+    fn eq(&self, other: &Self) -> bool {
+        self.policy == other.policy && self.rules == other.rules
+    }
+}
+
+/// A chain's rules by the single destination address they require. The tracer still visits
+/// rules in order, but skips those whose `-d` cannot match: `SWITCHYARD-SERVICES` at 10,000
+/// services is 10,000 rules, and a traced packet needs the few for its address. This is what
+/// makes the trace fast without changing what the kernel would do.
+#[derive(Debug, Default)]
+struct DstIndex {
+    by_ip: HashMap<IpAddr, Vec<usize>, FastHash>,
+    /// Rules with no `-d`, a negated one, or a network wider than one address.
+    others: Vec<usize>,
+}
+
+impl DstIndex {
+    const MIN_RULES: usize = 32;
+
+    fn build(rules: &[Rule]) -> Option<DstIndex> {
+        if rules.len() < Self::MIN_RULES {
+            return None;
+        }
+        let mut ix = DstIndex::default();
+        for (i, r) in rules.iter().enumerate() {
+            let single = r.matches.iter().find_map(|m| match m {
+                Match::Destination { nets, negated: false }
+                    if nets.len() == 1 && nets[0].prefix_len() == nets[0].max_prefix_len() =>
+                {
+                    Some(nets[0].addr())
+                }
+                _ => None,
+            });
+            match single {
+                Some(ip) => ix.by_ip.entry(ip).or_default().push(i),
+                None => ix.others.push(i),
+            }
+        }
+        Some(ix)
+    }
+
+    /// The first rule at or after `i` that may match a packet to `dst`.
+    fn next(&self, i: usize, dst: &IpAddr) -> Option<usize> {
+        let first = |v: &[usize]| v.get(v.partition_point(|x| *x < i)).copied();
+        let a = self.by_ip.get(dst).and_then(|v| first(v));
+        let b = first(&self.others);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl Program {
+    /// Rebuilds every long chain's destination index.
+    fn reindex(&mut self) {
+        for rs in self.families.values_mut() {
+            for t in rs.tables.values_mut() {
+                for c in t.chains.values_mut() {
+                    c.index = DstIndex::build(&c.rules).map(std::sync::Arc::new);
+                }
+            }
+        }
+    }
 }
 
 /// One rule. Two rules are equal when they match and act alike (the text is not compared, so
@@ -200,7 +271,7 @@ impl Table {
     fn new(name: &str) -> Self {
         let chains = builtins(name)
             .iter()
-            .map(|b| (b.to_string(), Chain { policy: Some("ACCEPT".into()), rules: Vec::new() }))
+            .map(|b| (b.to_string(), Chain { policy: Some("ACCEPT".into()), ..Chain::default() }))
             .collect();
         Table { chains }
     }
@@ -387,6 +458,7 @@ fn restore(program: &mut Program, text: &str, noflush: bool) -> Result<(), Parse
         }
         commit(program, family, t, noflush)?;
     }
+    program.reindex();
     Ok(())
 }
 
@@ -1150,6 +1222,9 @@ impl Run<'_> {
         let mut work: Vec<(PacketState, usize)> = vec![(state, 0)];
         'branch: while let Some((mut s, mut i)) = work.pop() {
             loop {
+                if let Some(ix) = &chain.index {
+                    i = ix.next(i, &s.packet.dst).unwrap_or(chain.rules.len());
+                }
                 let Some(rule) = chain.rules.get(i) else {
                     out.push((s, Flow::Return));
                     continue 'branch;
@@ -2183,6 +2258,47 @@ ports: [{port: 80, protocol: TCP}]
                         proptest::prop_assert!(!r.matches.iter().any(|m| matches!(m, Match::Unknown(_))), "{}", r.text);
                     }
                 }
+            }
+        }
+    }
+
+    /// The destination index skips rules, never changes an answer: trace every service of a
+    /// long program with and without it.
+    #[test]
+    fn destination_index_changes_no_answer() {
+        let cluster = crate::synthetic::cluster(120, 3);
+        let plan = crate::policy::plan(&cluster, "node-a", Backend::Iptables);
+        let indexed = Program::parse(&render(&plan)).expect("parses");
+        assert!(
+            indexed
+                .families
+                .values()
+                .flat_map(|r| r.tables.values())
+                .flat_map(|t| t.chains.values())
+                .any(|c| c.index.is_some())
+        );
+        let mut plain = indexed.clone();
+        for rs in plain.families.values_mut() {
+            for t in rs.tables.values_mut() {
+                for c in t.chains.values_mut() {
+                    c.index = None;
+                }
+            }
+        }
+        let ctx = NodeContext { node: "node-a".into(), addresses: vec!["192.168.0.1".parse().expect("ip")] };
+        let topo = crate::trace::path::Topology::from_cluster(&cluster);
+        for svc in cluster.services.values() {
+            for src in ["10.1.0.9", "203.0.113.4"] {
+                let packet = crate::trace::Packet {
+                    src: src.parse().expect("ip"),
+                    src_port: 40000,
+                    dst: svc.cluster_ips[0],
+                    dst_port: 80,
+                    protocol: svc.ports[0].protocol,
+                };
+                let a = crate::trace::path::trace(&indexed, &ctx, &topo, packet, "iptables", 3);
+                let b = crate::trace::path::trace(&plain, &ctx, &topo, packet, "iptables", 3);
+                assert_eq!((a.verdict, &a.outcomes), (b.verdict, &b.outcomes), "{svc:?}");
             }
         }
     }
