@@ -23,6 +23,7 @@ pub mod model;
 pub mod policy;
 pub mod render;
 pub mod synthetic;
+pub mod textfmt;
 pub mod trace;
 
 mod api;

@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use crate::fasthash::FastHash;
 use crate::model::{IpFamily, ObjectKey, Protocol};
 use crate::policy::*;
+use crate::textfmt::{FastIp, FastNum};
 
 /// Our table's name, in both families. We never touch any other table.
 pub const TABLE: &str = "switchyard";
@@ -582,76 +583,6 @@ impl fmt::Display for Frontend {
     }
 }
 
-/// A number written with one `write_str`, not the formatter's padding machinery.
-struct FastNum(u32);
-impl fmt::Display for FastNum {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = [0u8; 10];
-        let mut i = buf.len();
-        let mut n = self.0;
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        f.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
-    }
-}
-
-/// IPv4 addresses written octet by octet from a table: the render's hot path.
-struct FastIp(IpAddr);
-impl fmt::Display for FastIp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                f.write_str(OCTETS[o[0] as usize])?;
-                f.write_str(".")?;
-                f.write_str(OCTETS[o[1] as usize])?;
-                f.write_str(".")?;
-                f.write_str(OCTETS[o[2] as usize])?;
-                f.write_str(".")?;
-                f.write_str(OCTETS[o[3] as usize])
-            }
-            IpAddr::V6(v6) => write!(f, "{v6}"),
-        }
-    }
-}
-
-const OCTETS: [&str; 256] = {
-    const DIGITS: &[u8; 768] = &{
-        let mut d = [0u8; 768];
-        let mut i = 0;
-        while i < 256 {
-            d[i * 3] = b'0' + (i / 100) as u8;
-            d[i * 3 + 1] = b'0' + (i / 10 % 10) as u8;
-            d[i * 3 + 2] = b'0' + (i % 10) as u8;
-            i += 1;
-        }
-        d
-    };
-    let mut t = [""; 256];
-    let mut i = 0;
-    while i < 256 {
-        let skip = if i >= 100 {
-            0
-        } else if i >= 10 {
-            1
-        } else {
-            2
-        };
-        let bytes = DIGITS.split_at(i * 3 + skip).1.split_at(3 - skip).0;
-        t[i] = match std::str::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(_) => "",
-        };
-        i += 1;
-    }
-    t
-};
 struct NodePortKey(&'static str, u16);
 impl fmt::Display for NodePortKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

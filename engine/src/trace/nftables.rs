@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::fasthash::FastHash;
+use crate::textfmt::{FastIp, FastNum};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -1123,8 +1124,8 @@ fn key_values(fields: &[Field], s: &PacketState) -> Option<Vec<(String, f64)>> {
                 key.push_str(" . ");
             }
             let _ = match f {
-                Field::Saddr => write!(key, "{}", s.packet.src),
-                Field::Daddr => write!(key, "{}", s.packet.dst),
+                Field::Saddr => write!(key, "{}", FastIp(s.packet.src)),
+                Field::Daddr => write!(key, "{}", FastIp(s.packet.dst)),
                 Field::L4proto => {
                     key.push_str(s.packet.protocol.as_str());
                     Ok(())
@@ -1134,11 +1135,11 @@ fn key_values(fields: &[Field], s: &PacketState) -> Option<Vec<(String, f64)>> {
                         return None;
                     }
                     let port = if matches!(f, Field::Dport(_)) { s.packet.dst_port } else { s.packet.src_port };
-                    write!(key, "{port}")
+                    write!(key, "{}", FastNum(u32::from(port)))
                 }
-                Field::Numgen(_) => write!(key, "{k}"),
-                Field::CtOrigDaddr => write!(key, "{}", s.original.dst),
-                Field::CtOrigProtoDst => write!(key, "{}", s.original.dst_port),
+                Field::Numgen(_) => write!(key, "{}", FastNum(k)),
+                Field::CtOrigDaddr => write!(key, "{}", FastIp(s.original.dst)),
+                Field::CtOrigProtoDst => write!(key, "{}", FastNum(u32::from(s.original.dst_port))),
                 Field::Mark => write!(key, "0x{:08x}", s.mark),
             };
         }
