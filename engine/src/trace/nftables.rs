@@ -1107,8 +1107,9 @@ impl SetP {
 
 struct Exec<'a> {
     table: &'a TableP,
-    hook: Hook,
     ctx: &'a NodeContext,
+    /// Where hops happen: the hook and the base chain's type (`prerouting nat`).
+    at: String,
 }
 
 /// The values a key takes for one packet: usually one; `numgen random mod N` forks N ways.
@@ -1163,12 +1164,7 @@ impl Exec<'_> {
     }
 
     fn hop(&self, s: &mut PacketState, chain: &str, rule: &Rule, action: String, comment: Option<String>) {
-        let kind = self.table.chains.get(chain).and_then(|c| c.base.as_ref()).map(|b| b.kind.as_str()).unwrap_or("");
-        let at = if kind.is_empty() {
-            format!("{} {}", self.hook.as_str(), self.table.name)
-        } else {
-            format!("{} {kind}", self.hook.as_str())
-        };
+        let at = self.at.clone();
         s.hops.push(Hop {
             node: Some(self.ctx.node.clone()),
             ..Hop::new(at, action)
@@ -1476,7 +1472,9 @@ impl Netfilter for Program {
         let mut live = vec![state];
         let mut ended = Vec::new();
         for (ti, name) in chains {
-            let exec = Exec { table: &self.tables[*ti], hook, ctx };
+            let table = &self.tables[*ti];
+            let kind = table.chains.get(name).and_then(|c| c.base.as_ref()).map_or("filter", |b| b.kind.as_str());
+            let exec = Exec { table, ctx, at: format!("{} {kind}", hook.as_str()) };
             let mut next = Vec::new();
             for s in live {
                 let mut results = Vec::new();
