@@ -42,7 +42,8 @@ pub fn service(i: u32) -> Service {
             protocol: if i.is_multiple_of(7) { Protocol::Udp } else { Protocol::Tcp },
             port: 80,
             target_port: TargetPort::Number(8080),
-            node_port: (service_type != ServiceType::ClusterIP).then_some(30000 + (i % 2768) as u16),
+            // Unique NodePorts (a cluster this size uses a wider --service-node-port-range).
+            node_port: (service_type != ServiceType::ClusterIP).then_some(20000 + (i % 45000) as u16),
         }],
         external_ips: Vec::new(),
         load_balancer_ingress: if service_type == ServiceType::LoadBalancer {

@@ -399,6 +399,27 @@ trait Sink {
     fn elements(&self) -> bool {
         true
     }
+    /// Claims a frontend for the service being written. Two services that claim one frontend (a
+    /// misconfiguration the API server does not always prevent) must not put two elements with
+    /// one key in a transaction: nft rejects the whole transaction. The first claimant wins.
+    fn claim(&mut self, frontend: FrontendId) -> bool;
+}
+
+/// What a service listens on: an address, protocol and port, or a NodePort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrontendId {
+    Ip(IpAddr, Protocol, u16),
+    NodePort(Protocol, u16),
+    HealthCheck(u16),
+}
+
+/// Every frontend of a service port, as [`contributions`] claims them.
+fn frontends_of(s: &ServicePortPlan) -> impl Iterator<Item = FrontendId> + '_ {
+    let (p, port) = (s.protocol, s.port);
+    std::iter::once(FrontendId::Ip(s.cluster_ip, p, port))
+        .chain(s.external_ips.iter().chain(&s.load_balancer_ips).map(move |ip| FrontendId::Ip(*ip, p, port)))
+        .chain(s.node_port.map(|np| FrontendId::NodePort(p, np)))
+        .chain(s.health_check_node_port.map(FrontendId::HealthCheck))
 }
 
 fn verdict_text(v: FilterVerdict) -> &'static str {
@@ -415,33 +436,39 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
     let p = s.protocol.as_str();
     let name = &s.name;
     let port = s.port;
-    let lb = |sink: &mut dyn Sink, kind: LbKind, key: &dyn fmt::Display, eps: &[PlannedEndpoint], what: &str| {
-        sink.lb(kind, eps.len());
-        if !sink.elements() {
-            return;
-        }
-        sink.put(
-            kind.dispatch_map(),
-            format_args!("{key}"),
-            Some(format_args!("goto {}", LbChainName(kind, eps.len()))),
-            Some(format_args!("{name} {what}")),
-        );
-        // The frontend is the prefix of every slot's key: format it once.
-        let key = key.to_string();
-        for (slot, e) in eps.iter().enumerate() {
-            let target = e.target.as_deref().unwrap_or("");
+    // The chain for a count is needed whether or not this service won its frontend, so the
+    // chains depend only on the plan (see `lb_needs`).
+    let lb =
+        |sink: &mut dyn Sink, kind: LbKind, key: &dyn fmt::Display, eps: &[PlannedEndpoint], what: &str, emit: bool| {
+            sink.lb(kind, eps.len());
+            if !emit || !sink.elements() {
+                return;
+            }
             sink.put(
-                kind.endpoints_map(),
-                format_args!("{key} . {}", FastNum(slot as u32)),
-                Some(format_args!("{} . {}", FastIp(e.ip), FastNum(u32::from(e.port)))),
-                (!large).then_some(format_args!("{name} {target}")),
+                kind.dispatch_map(),
+                format_args!("{key}"),
+                Some(format_args!("goto {}", LbChainName(kind, eps.len()))),
+                Some(format_args!("{name} {what}")),
             );
-        }
-    };
+            // The frontend is the prefix of every slot's key: format it once.
+            let key = key.to_string();
+            for (slot, e) in eps.iter().enumerate() {
+                let target = e.target.as_deref().unwrap_or("");
+                sink.put(
+                    kind.endpoints_map(),
+                    format_args!("{key} . {}", FastNum(slot as u32)),
+                    Some(format_args!("{} . {}", FastIp(e.ip), FastNum(u32::from(e.port)))),
+                    (!large).then_some(format_args!("{name} {target}")),
+                );
+            }
+        };
 
     sink.shared("cluster-ips", s.cluster_ip, Some(format_args!("{name} clusterIP")));
     let cip = Frontend(s.cluster_ip, p, port);
+    let own_cip = sink.claim(FrontendId::Ip(s.cluster_ip, s.protocol, port));
     match s.internal_endpoints() {
+        Some(eps) if !own_cip => lb(sink, LbKind::Ip, &cip, eps, "clusterIP", false),
+        None if !own_cip => {}
         Some(eps) => {
             sink.put(
                 "service-ips",
@@ -449,7 +476,7 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
                 Some(format_args!("goto internal")),
                 Some(format_args!("{name} clusterIP")),
             );
-            lb(sink, LbKind::Ip, &cip, eps, "clusterIP");
+            lb(sink, LbKind::Ip, &cip, eps, "clusterIP", true);
             if let Some(t) = s.affinity_timeout {
                 sink.put(
                     "affinity-services",
@@ -486,6 +513,16 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
         .chain(s.load_balancer_ips.iter().map(|ip| (*ip, "loadBalancer ingress")));
     for (ip, what) in frontends {
         let key = Frontend(ip, p, port);
+        let own = sink.claim(FrontendId::Ip(ip, s.protocol, port));
+        if !own {
+            if s.captures_external() {
+                lb(sink, LbKind::Ip, &key, &s.cluster_endpoints, what, false);
+                if s.external_policy_local && !s.local_endpoints.is_empty() {
+                    lb(sink, LbKind::LocalIp, &key, &s.local_endpoints, what, false);
+                }
+            }
+            continue;
+        }
         if s.captures_external() {
             sink.put(
                 "service-ips",
@@ -493,9 +530,9 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
                 Some(format_args!("{class_ip}")),
                 Some(format_args!("{name} {what}")),
             );
-            lb(sink, LbKind::Ip, &key, &s.cluster_endpoints, what);
+            lb(sink, LbKind::Ip, &key, &s.cluster_endpoints, what, true);
             if s.external_policy_local && !s.local_endpoints.is_empty() {
-                lb(sink, LbKind::LocalIp, &key, &s.local_endpoints, what);
+                lb(sink, LbKind::LocalIp, &key, &s.local_endpoints, what, true);
             }
             if let Some(t) = s.affinity_timeout {
                 sink.put(
@@ -514,11 +551,8 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
                 Some(format_args!("{name} {what}: {why_ext}")),
             );
         }
-    }
-    // loadBalancerSourceRanges guard the LB IPs only; NodePorts are not filtered.
-    if !s.source_ranges.is_empty() {
-        for ip in &s.load_balancer_ips {
-            let key = Frontend(*ip, p, port);
+        // loadBalancerSourceRanges guard the LB IPs only; NodePorts are not filtered.
+        if !s.source_ranges.is_empty() && what == "loadBalancer ingress" {
             sink.put(
                 "firewall-protected",
                 format_args!("{key}"),
@@ -547,19 +581,26 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
     }
     if let Some(np) = s.node_port {
         let key = NodePortKey(p, np);
-        if s.captures_external() {
+        let own = sink.claim(FrontendId::NodePort(s.protocol, np));
+        if !own && s.captures_external() {
+            lb(sink, LbKind::NodePort, &key, &s.cluster_endpoints, "nodePort", false);
+            if s.external_policy_local && !s.local_endpoints.is_empty() {
+                lb(sink, LbKind::LocalNodePort, &key, &s.local_endpoints, "nodePort", false);
+            }
+        }
+        if own && s.captures_external() {
             sink.put(
                 "service-nodeports",
                 format_args!("{key}"),
                 Some(format_args!("{class_np}")),
                 Some(format_args!("{name} nodePort")),
             );
-            lb(sink, LbKind::NodePort, &key, &s.cluster_endpoints, "nodePort");
+            lb(sink, LbKind::NodePort, &key, &s.cluster_endpoints, "nodePort", true);
             if s.external_policy_local && !s.local_endpoints.is_empty() {
-                lb(sink, LbKind::LocalNodePort, &key, &s.local_endpoints, "nodePort");
+                lb(sink, LbKind::LocalNodePort, &key, &s.local_endpoints, "nodePort", true);
             }
         }
-        if let Some(v) = ext_filter {
+        if let Some(v) = ext_filter.filter(|_| own) {
             sink.put(
                 "no-endpoint-nodeports",
                 format_args!("{key}"),
@@ -568,7 +609,7 @@ fn contributions(s: &ServicePortPlan, large: bool, sink: &mut dyn Sink) {
             );
         }
     }
-    if let Some(hc) = s.health_check_node_port {
+    if let Some(hc) = s.health_check_node_port.filter(|hc| sink.claim(FrontendId::HealthCheck(*hc))) {
         sink.put("health-check-ports", format_args!("{hc}"), None, Some(format_args!("{name} healthCheckNodePort")));
     }
     for e in s.cluster_endpoints.iter().chain(&s.local_endpoints) {
@@ -652,6 +693,7 @@ struct TextSink {
     bufs: Vec<String>,
     scratch: String,
     shared: HashSet<(usize, IpAddr), FastHash>,
+    claims: HashSet<FrontendId, FastHash>,
     lbs: BTreeSet<(LbKind, usize)>,
 }
 
@@ -667,6 +709,9 @@ impl TextSink {
 }
 
 impl Sink for TextSink {
+    fn claim(&mut self, frontend: FrontendId) -> bool {
+        self.claims.insert(frontend)
+    }
     fn put(
         &mut self,
         set: &'static str,
@@ -717,6 +762,7 @@ type ValueAndComment = (Option<String>, Option<String>);
 struct MapSink {
     elements: BTreeMap<(&'static str, String), ValueAndComment>,
     lbs: BTreeSet<(LbKind, usize)>,
+    claims: HashSet<FrontendId, FastHash>,
     scratch: String,
 }
 
@@ -730,6 +776,9 @@ impl MapSink {
 }
 
 impl Sink for MapSink {
+    fn claim(&mut self, frontend: FrontendId) -> bool {
+        self.claims.insert(frontend)
+    }
     fn put(
         &mut self,
         set: &'static str,
@@ -758,6 +807,9 @@ struct ChainNeeds {
 
 #[cfg(test)]
 impl Sink for ChainNeeds {
+    fn claim(&mut self, _: FrontendId) -> bool {
+        true
+    }
     fn put(&mut self, _: &'static str, _: fmt::Arguments, _: Option<fmt::Arguments>, _: Option<fmt::Arguments>) {}
     fn shared(&mut self, _: &'static str, _: IpAddr, _: Option<fmt::Arguments>) {}
     fn lb(&mut self, kind: LbKind, n: usize) {
@@ -908,6 +960,7 @@ fn write_family(out: &mut String, fam: &FamilyPlan, node: &str) {
         bufs: vec![String::new(); sets.len()],
         scratch: String::new(),
         shared: HashSet::with_hasher(FastHash),
+        claims: HashSet::with_hasher(FastHash),
         lbs: BTreeSet::new(),
     };
     let large = is_large(fam);
@@ -1149,6 +1202,18 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
         return;
     }
     let (mut before, mut after) = (MapSink::default(), MapSink::default());
+    // A frontend a changed service shares with an unchanged one stays with the unchanged one:
+    // the transaction must never add a second element with one key.
+    let mine: HashSet<FrontendId, FastHash> =
+        old_changed.iter().chain(&new_changed).flat_map(|s| frontends_of(s)).collect();
+    let changed_keys: HashSet<(&ServicePortName, IpAddr), FastHash> =
+        old_changed.iter().chain(&new_changed).map(|s| (&s.name, s.cluster_ip)).collect();
+    for s in nf.services.iter().filter(|s| !changed_keys.contains(&(&s.name, s.cluster_ip))) {
+        for f in frontends_of(s).filter(|f| mine.contains(f)) {
+            before.claims.insert(f);
+            after.claims.insert(f);
+        }
+    }
     let (large_old, large_new) = (is_large(of), is_large(nf));
     for s in &old_changed {
         contributions(s, large_old, &mut before);
@@ -1228,6 +1293,31 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two services claiming one NodePort and one external IP (the API server does not stop
+    /// every such clash): the program holds one element per key, the first service's, so the
+    /// kernel accepts the transaction.
+    #[test]
+    fn clashing_frontends_keep_the_first_claimant() {
+        let mut c = crate::synthetic::cluster(4, 2);
+        let keys: Vec<_> = c.services.keys().cloned().collect();
+        for k in &keys {
+            let s = c.services.get_mut(k).expect("service");
+            s.service_type = crate::model::ServiceType::NodePort;
+            s.ports[0].protocol = Protocol::Tcp;
+            s.ports[0].node_port = Some(30080);
+            s.external_ips = vec!["198.51.100.1".parse().expect("ip")];
+        }
+        for sl in c.endpoint_slices.values_mut() {
+            sl.ports[0].protocol = Protocol::Tcp;
+        }
+        let plan = crate::policy::plan(&c, "node-a", Backend::Nftables);
+        let text = render(&plan);
+        assert_eq!(text.matches("tcp . 30080 comment").count(), 2, "service-nodeports and lb-nodeports, once each");
+        assert_eq!(text.matches("198.51.100.1 . tcp . 80 comment").count(), 2, "service-ips and lb-ips");
+        let parsed = crate::trace::nftables::parse_ruleset(&text).expect("parses");
+        assert_eq!(parsed, ruleset(&plan));
+    }
 
     /// The fast chain count agrees with what the element writer asks for.
     #[test]
