@@ -14,12 +14,13 @@ use switchyard_engine::synthetic;
 use switchyard_engine::trace::Verdict;
 use switchyard_engine::{Destination, TraceRequest, trace};
 
-/// A service: (type 0-3, ETP Local, ITP Local, endpoints as (node 0-2, ready, serving, terminating)).
-type SvcSpec = (u8, bool, bool, Vec<(u8, bool, bool, bool)>);
+/// A service: (type 0-3, ETP Local, ITP Local, endpoints as (node 0-2, ready, serving, terminating),
+/// ClientIP affinity timeout choice).
+type SvcSpec = (u8, bool, bool, Vec<(u8, bool, bool, bool)>, u8);
 
 fn build(specs: &[SvcSpec]) -> Cluster {
     let mut c = synthetic::cluster(0, 0);
-    for (i, (ty, etp, itp, eps)) in specs.iter().enumerate() {
+    for (i, (ty, etp, itp, eps, affinity)) in specs.iter().enumerate() {
         let i = i as u32;
         let mut s = synthetic::service(i);
         s.service_type = match ty {
@@ -44,6 +45,11 @@ fn build(specs: &[SvcSpec]) -> Cluster {
         }
         s.external_traffic_policy_local = *etp;
         s.internal_traffic_policy_local = *itp;
+        s.session_affinity_timeout = match affinity {
+            0 | 1 => None,
+            2 => Some(60),
+            _ => Some(10800),
+        };
         let mut sl = synthetic::slice(i, eps.len() as u32, 0);
         for (e, (node, ready, serving, terminating)) in sl.endpoints.iter_mut().zip(eps) {
             let names = ["node-a", "node-b", "node-c"];
@@ -65,6 +71,7 @@ fn spec() -> impl Strategy<Value = Vec<SvcSpec>> {
             any::<bool>(),
             any::<bool>(),
             prop::collection::vec((0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..5),
+            0u8..4,
         ),
         1..6,
     )
@@ -92,7 +99,7 @@ proptest! {
     fn every_ready_endpoint_is_reachable(specs in spec()) {
         let c = build(&specs);
         for backend in [Backend::Nftables, Backend::Iptables] {
-            for (i, (_, _, itp, _)) in specs.iter().enumerate() {
+            for (i, (_, _, itp, _, _)) in specs.iter().enumerate() {
                 let svc = synthetic::service(i as u32);
                 if *itp || svc.ports[0].protocol != Protocol::Tcp {
                     continue;

@@ -824,33 +824,44 @@ impl Sink for ChainNeeds {
 /// `lb`, computed without touching elements (the incremental path runs it on every service).
 fn lb_needs(fam: &FamilyPlan) -> BTreeSet<(LbKind, usize)> {
     let mut v: Vec<(LbKind, usize)> = Vec::new();
-    let mut add = |k: LbKind, n: usize| {
-        if !v.contains(&(k, n)) {
-            v.push((k, n));
-        }
-    };
     for s in &fam.services {
-        if let Some(eps) = s.internal_endpoints() {
-            add(LbKind::Ip, eps.len());
-        }
-        if !s.captures_external() {
-            continue;
-        }
-        let local = s.external_policy_local && !s.local_endpoints.is_empty();
-        if !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty() {
-            add(LbKind::Ip, s.cluster_endpoints.len());
-            if local {
-                add(LbKind::LocalIp, s.local_endpoints.len());
+        lb_needs_of(s, &mut |k, n| {
+            if !v.contains(&(k, n)) {
+                v.push((k, n));
             }
-        }
-        if s.node_port.is_some() {
-            add(LbKind::NodePort, s.cluster_endpoints.len());
-            if local {
-                add(LbKind::LocalNodePort, s.local_endpoints.len());
-            }
-        }
+        });
     }
     v.into_iter().collect()
+}
+
+/// The load-balancing chains one service port needs, given to `add`.
+fn lb_needs_of(s: &ServicePortPlan, add: &mut dyn FnMut(LbKind, usize)) {
+    if let Some(eps) = s.internal_endpoints() {
+        add(LbKind::Ip, eps.len());
+    }
+    if !s.captures_external() {
+        return;
+    }
+    let local = s.external_policy_local && !s.local_endpoints.is_empty();
+    if !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty() {
+        add(LbKind::Ip, s.cluster_endpoints.len());
+        if local {
+            add(LbKind::LocalIp, s.local_endpoints.len());
+        }
+    }
+    if s.node_port.is_some() {
+        add(LbKind::NodePort, s.cluster_endpoints.len());
+        if local {
+            add(LbKind::LocalNodePort, s.local_endpoints.len());
+        }
+    }
+}
+
+/// Whether a service port needs load-balancing chain `(kind, n)`.
+fn needs_lb(s: &ServicePortPlan, kind: LbKind, n: usize) -> bool {
+    let mut found = false;
+    lb_needs_of(s, &mut |k, m| found |= k == kind && m == n);
+    found
 }
 
 /// Elements that come from family-level settings rather than services.
@@ -1204,11 +1215,22 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
     let (mut before, mut after) = (MapSink::default(), MapSink::default());
     // A frontend a changed service shares with an unchanged one stays with the unchanged one:
     // the transaction must never add a second element with one key.
-    let mine: HashSet<FrontendId, FastHash> =
-        old_changed.iter().chain(&new_changed).flat_map(|s| frontends_of(s)).collect();
-    let changed_keys: HashSet<(&ServicePortName, IpAddr), FastHash> =
-        old_changed.iter().chain(&new_changed).map(|s| (&s.name, s.cluster_ip)).collect();
-    for s in nf.services.iter().filter(|s| !changed_keys.contains(&(&s.name, s.cluster_ip))) {
+    // Few services change at a time: a linear look at their frontends beats hashing 10,000
+    // services' names.
+    let mine: Vec<FrontendId> = old_changed.iter().chain(&new_changed).flat_map(|s| frontends_of(s)).collect();
+    let is_changed = |s: &ServicePortPlan| new_changed.iter().any(|c| std::ptr::eq(*c, s));
+    let shares = |s: &ServicePortPlan| {
+        mine.iter().any(|f| match *f {
+            FrontendId::Ip(ip, p, port) => {
+                s.protocol == p
+                    && s.port == port
+                    && (s.cluster_ip == ip || s.external_ips.contains(&ip) || s.load_balancer_ips.contains(&ip))
+            }
+            FrontendId::NodePort(p, n) => s.protocol == p && s.node_port == Some(n),
+            FrontendId::HealthCheck(n) => s.health_check_node_port == Some(n),
+        })
+    };
+    for s in nf.services.iter().filter(|s| shares(s) && !is_changed(s)) {
         for f in frontends_of(s).filter(|f| mine.contains(f)) {
             before.claims.insert(f);
             after.claims.insert(f);
@@ -1257,8 +1279,48 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
         }
     }
     // Load-balancing and affinity chains: add the ones now needed, delete the ones unused.
-    let needs = |fam: &FamilyPlan| dynamic_chains(fam, &lb_needs(fam));
-    let (old_chains, new_chains) = (needs(of), needs(nf));
+    // Only the changed services' chains can come or go; whether an unchanged service still
+    // uses one is a scan that stops at the first user.
+    let affinity = |fam: &FamilyPlan| fam.services.iter().any(|s| s.affinity_timeout.is_some());
+    let (old_chains, new_chains) = if affinity(of) != affinity(nf) {
+        // Every load-balancing chain gains or loses its affinity lookup: rewrite them all.
+        (dynamic_chains(of, &lb_needs(of)), dynamic_chains(nf, &lb_needs(nf)))
+    } else {
+        let is_changed = |s: &ServicePortPlan| new_changed.iter().any(|c| std::ptr::eq(*c, s));
+        let unchanged = || nf.services.iter().filter(|s| !is_changed(s));
+        let changed_needs = |v: &[&ServicePortPlan]| {
+            let mut set = BTreeSet::new();
+            for s in v {
+                lb_needs_of(s, &mut |k, n| {
+                    set.insert((k, n));
+                });
+            }
+            set
+        };
+        let (before, after) = (changed_needs(&old_changed), changed_needs(&new_changed));
+        let timeouts = |v: &[&ServicePortPlan]| v.iter().filter_map(|s| s.affinity_timeout).collect::<BTreeSet<u32>>();
+        let (t_before, t_after) = (timeouts(&old_changed), timeouts(&new_changed));
+        let mut old_chains = BTreeMap::new();
+        let mut new_chains = BTreeMap::new();
+        let with_affinity = affinity(nf);
+        for &(k, n) in before.symmetric_difference(&after) {
+            if unchanged().any(|s| needs_lb(s, k, n)) {
+                continue;
+            }
+            let c = lb_chain(nf.family, k, n, with_affinity);
+            let side = if before.contains(&(k, n)) { &mut old_chains } else { &mut new_chains };
+            side.insert(c.name.clone(), c);
+        }
+        for &t in t_before.symmetric_difference(&t_after) {
+            if unchanged().any(|s| s.affinity_timeout == Some(t)) {
+                continue;
+            }
+            let c = affinity_chain(nf.family, t);
+            let side = if t_before.contains(&t) { &mut old_chains } else { &mut new_chains };
+            side.insert(c.name.clone(), c);
+        }
+        (old_chains, new_chains)
+    };
     for c in new_chains.values() {
         match old_chains.get(&c.name) {
             Some(o) if o == c => continue,
