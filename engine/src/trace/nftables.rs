@@ -1546,6 +1546,40 @@ mod tests {
         assert!(t.outcomes[0].masquerade);
     }
 
+    /// What `nft list table` prints back (priorities by name, `tcp dport` folded into map keys,
+    /// `0x00000000`) traces exactly like the program we rendered.
+    #[test]
+    fn kernel_listing_traces_like_the_render() {
+        let c = Cluster::from_objects(crate::input::parse("example.yaml", EXAMPLE).unwrap().objects);
+        let listed = include_str!("../../tests/fixtures/example.nft-listed");
+        for (from, to) in [
+            ("10.180.0.2", "172.30.0.41:80"),
+            ("10.180.0.1", "172.30.0.41:80"),
+            ("10.180.0.2", "172.30.0.41:443"),
+            ("203.0.113.130", "1.2.3.4:80"),
+            ("203.0.113.2", "1.2.3.4:80"),
+            ("203.0.113.130", "192.168.0.2:30080"),
+            ("192.168.0.2", "172.30.99.1:80"),
+        ] {
+            let rendered = probe(&c, from, to);
+            let req = TraceRequest {
+                node: "test-node".into(),
+                backend: Backend::Nftables,
+                program: Some(listed.to_string()),
+                from: from.parse().unwrap(),
+                to: to.parse::<Destination>().unwrap(),
+                protocol: Protocol::Tcp,
+                seed: 1,
+            };
+            let from_kernel = crate::trace(&c, &req).unwrap();
+            assert_eq!(
+                (rendered.verdict, &rendered.outcomes),
+                (from_kernel.verdict, &from_kernel.outcomes),
+                "{from} -> {to}"
+            );
+        }
+    }
+
     /// Rendering, parsing back and printing again changes nothing.
     #[test]
     fn round_trip() {
