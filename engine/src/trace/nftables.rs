@@ -581,7 +581,56 @@ enum Field {
 #[derive(Debug, Clone, PartialEq)]
 enum Rhs {
     Set(String),
-    Values(Vec<String>),
+    /// Values (or concatenations of values), each already split into atoms.
+    Values(Vec<Vec<Atom>>),
+}
+
+/// One part of a set element or a literal, parsed once when the program is loaded.
+#[derive(Debug, Clone, PartialEq)]
+enum Atom {
+    Net(IpNet),
+    Range(IpAddr, IpAddr),
+    Proto(Protocol),
+    Text(String),
+}
+
+impl Atom {
+    fn parse(a: &str) -> Atom {
+        if let Ok(n) = a.parse::<IpNet>() {
+            return Atom::Net(n);
+        }
+        if let Ok(ip) = a.parse::<IpAddr>() {
+            return Atom::Net(IpNet::from(ip));
+        }
+        if let Some((x, y)) = a.split_once('-')
+            && let (Ok(x), Ok(y)) = (x.parse::<IpAddr>(), y.parse::<IpAddr>())
+        {
+            return Atom::Range(x, y);
+        }
+        if let Some(p) = Protocol::parse(a) {
+            return Atom::Proto(p);
+        }
+        Atom::Text(a.to_string())
+    }
+
+    fn split(key: &str) -> Vec<Atom> {
+        key.split(" . ").map(|p| Atom::parse(p.trim())).collect()
+    }
+
+    /// Whether a key part (as the tracer writes it) falls in this atom.
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Atom::Net(n) => v.parse::<IpAddr>().is_ok_and(|ip| n.contains(&ip)),
+            Atom::Range(a, b) => v.parse::<IpAddr>().is_ok_and(|ip| *a <= ip && ip <= *b),
+            Atom::Proto(p) => Protocol::parse(v) == Some(*p),
+            Atom::Text(t) => t == v,
+        }
+    }
+
+    fn all_match(atoms: &[Atom], key: &str) -> bool {
+        let mut parts = key.split(" . ");
+        atoms.iter().all(|a| parts.next().is_some_and(|v| a.matches(v))) && parts.next().is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -946,7 +995,7 @@ impl RuleParser<'_> {
             return Some(Rhs::Set(name));
         }
         if let Some(b) = self.braces() {
-            return Some(Rhs::Values(b.into_iter().map(|(k, _)| k).collect()));
+            return Some(Rhs::Values(b.into_iter().map(|(k, _)| Atom::split(&k)).collect()));
         }
         // A single value, possibly a concatenation `a . b`.
         let mut parts = vec![self.take()?];
@@ -954,7 +1003,7 @@ impl RuleParser<'_> {
             self.i += 1;
             parts.push(self.take()?);
         }
-        Some(Rhs::Values(vec![normalize_key(&parts.join(" . "))]))
+        Some(Rhs::Values(vec![Atom::split(&normalize_key(&parts.join(" . ")))]))
     }
 }
 
@@ -965,7 +1014,7 @@ struct SetP {
     /// Exact elements by canonical key.
     exact: HashMap<String, (Option<String>, Option<String>), FastHash>,
     /// Elements with ranges, scanned.
-    ranges: Vec<(Vec<String>, Option<String>, Option<String>)>,
+    ranges: Vec<(Vec<Atom>, Option<String>, Option<String>)>,
 }
 
 struct ChainP {
@@ -1013,11 +1062,7 @@ impl Program {
                         };
                         for (k, e) in &s.elements {
                             if interval || k.contains('/') || k.contains('-') {
-                                p.ranges.push((
-                                    k.split(" . ").map(str::to_string).collect(),
-                                    e.value.clone(),
-                                    e.comment.clone(),
-                                ));
+                                p.ranges.push((Atom::split(k), e.value.clone(), e.comment.clone()));
                             } else {
                                 p.exact.insert(k.clone(), (e.value.clone(), e.comment.clone()));
                             }
@@ -1070,21 +1115,6 @@ enum Flow {
     Final(HookVerdict),
 }
 
-fn atom_matches(elem: &str, value: &str) -> bool {
-    if elem == value {
-        return true;
-    }
-    if let (Ok(net), Ok(ip)) = (elem.parse::<IpNet>(), value.parse::<IpAddr>()) {
-        return net.contains(&ip);
-    }
-    if let Some((a, b)) = elem.split_once('-')
-        && let (Ok(a), Ok(b), Ok(v)) = (a.parse::<IpAddr>(), b.parse::<IpAddr>(), value.parse::<IpAddr>())
-    {
-        return a <= v && v <= b;
-    }
-    false
-}
-
 impl SetP {
     fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.ranges.is_empty()
@@ -1097,11 +1127,7 @@ impl SetP {
         if self.ranges.is_empty() {
             return None;
         }
-        let parts: Vec<&str> = key.split(" . ").collect();
-        self.ranges
-            .iter()
-            .find(|(k, ..)| k.len() == parts.len() && k.iter().zip(&parts).all(|(e, v)| atom_matches(e, v)))
-            .map(|(_, v, c)| (v.clone(), c.clone()))
+        self.ranges.iter().find(|(k, ..)| Atom::all_match(k, key)).map(|(_, v, c)| (v.clone(), c.clone()))
     }
 }
 
@@ -1209,11 +1235,7 @@ impl Exec<'_> {
                 let key = &keys[0].0;
                 let found = match rhs {
                     Rhs::Set(name) => self.table.sets.get(name).is_some_and(|set| set.lookup(key).is_some()),
-                    Rhs::Values(vals) => vals.iter().any(|v| {
-                        let ep: Vec<&str> = v.split(" . ").collect();
-                        let kp: Vec<&str> = key.split(" . ").collect();
-                        ep.len() == kp.len() && ep.iter().zip(&kp).all(|(a, b)| atom_matches(a, b) || proto_eq(a, b))
-                    }),
+                    Rhs::Values(vals) => vals.iter().any(|atoms| Atom::all_match(atoms, key)),
                 };
                 if found != *neg { Match } else { NoMatch }
             }
@@ -1428,10 +1450,6 @@ enum ExprResult {
     Ends(Flow),
     /// Branches: `None` to continue the rule, or how it ended.
     Fork(Vec<(PacketState, Option<Flow>)>),
-}
-
-fn proto_eq(a: &str, b: &str) -> bool {
-    Protocol::parse(a).is_some() && Protocol::parse(a) == Protocol::parse(b)
 }
 
 fn verdict_flow(v: &str) -> Option<Flow> {
