@@ -41,6 +41,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| render::iptables::render_incremental_for(black_box(&iplan), black_box(&iplan2), Some(&only)))
     });
 
+    let vplan = policy::plan(&cluster, "node-a", Backend::Ipvs);
+    let vplan2 = policy::plan(&changed, "node-a", Backend::Ipvs);
+    g.bench_function("ipvs full render", |b| b.iter(|| render::ipvs::render(black_box(&vplan))));
+    g.bench_function("ipvs incremental (1 endpoint change)", |b| {
+        b.iter(|| render::ipvs::render_incremental(black_box(&vplan), black_box(&vplan2)))
+    });
+
     let ctx = NodeContext { node: "node-a".into(), addresses: vec!["192.168.0.1".parse().expect("ip")] };
     let topo = Topology::from_cluster(&cluster);
     let packet = Packet {
@@ -58,6 +65,11 @@ fn bench(c: &mut Criterion) {
         let ipt =
             switchyard_engine::trace::iptables::Program::parse(&render::iptables::render(&iplan)).expect("parses");
         b.iter(|| path::trace(&ipt, &ctx, &topo, black_box(packet), "iptables", 1))
+    });
+    g.bench_function("ipvs trace", |b| {
+        let ipvs = switchyard_engine::trace::ipvs::Program::parse(&render::ipvs::render(&vplan)).expect("parses");
+        let ctx = ipvs.node_context(&ctx);
+        b.iter(|| path::trace(&ipvs, &ctx, &topo, black_box(packet), "ipvs", 1))
     });
     g.finish();
 }

@@ -21,6 +21,8 @@ pub enum Error {
     Nftables(#[source] crate::trace::nftables::ParseError),
     #[error("cannot parse the iptables program: {0}")]
     Iptables(#[source] crate::trace::iptables::ParseError),
+    #[error("cannot parse the IPVS program: {0}")]
+    Ipvs(#[source] crate::trace::ipvs::ParseError),
     #[error("{0:?} is not a service name the cluster input knows")]
     UnknownName(String),
     #[error("{name:?} resolves to no address{detail}")]
@@ -42,7 +44,7 @@ pub fn render(cluster: &Cluster, node: &str, backend: Backend) -> Result<String>
     match backend {
         Backend::Nftables => Ok(crate::render::nftables::render(&plan)),
         Backend::Iptables => Ok(crate::render::iptables::render(&plan)),
-        Backend::Ipvs => Err(Error::UnsupportedBackend("ipvs")),
+        Backend::Ipvs => Ok(crate::render::ipvs::render(&plan)),
     }
 }
 
@@ -53,8 +55,15 @@ pub fn render_incremental(old: &Cluster, new: &Cluster, node: &str, backend: Bac
     match backend {
         Backend::Nftables => Ok(crate::render::nftables::render_incremental(&a, &b)),
         Backend::Iptables => Ok(crate::render::iptables::render_incremental(&a, &b)),
-        Backend::Ipvs => Err(Error::UnsupportedBackend("ipvs")),
+        Backend::Ipvs => Ok(crate::render::ipvs::render_incremental(&a, &b)),
     }
+}
+
+/// What `ipvsadm -Ln` would show on `node` once its IPVS program is loaded.
+pub fn ipvs_list(cluster: &Cluster, node: &str) -> Result<String> {
+    check_node(cluster, node)?;
+    let plan = policy::plan(cluster, node, Backend::Ipvs);
+    Ok(crate::render::ipvs::list(&crate::render::ipvs::model(&plan).services))
 }
 
 /// Where a traced packet is sent: an address, or a Service DNS name.
@@ -146,7 +155,10 @@ pub fn trace(cluster: &Cluster, req: &TraceRequest) -> Result<Trace> {
             let prog = crate::trace::iptables::Program::parse(&text).map_err(Error::Iptables)?;
             path::trace(&prog, &ctx, &topo, packet, "iptables", req.seed)
         }
-        Backend::Ipvs => return Err(Error::UnsupportedBackend("ipvs")),
+        Backend::Ipvs => {
+            let prog = crate::trace::ipvs::Program::parse(&text).map_err(Error::Ipvs)?;
+            path::trace(&prog, &prog.node_context(&ctx), &topo, packet, "ipvs", req.seed)
+        }
     };
     if let Some(r) = resolution {
         t.hops.insert(0, crate::trace::Hop::new("dns", format!("{} → {}", r.name, dst.ip)));

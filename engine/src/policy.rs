@@ -100,6 +100,11 @@ pub struct ServicePortPlan {
     pub local_endpoints: Vec<PlannedEndpoint>,
     /// Any usable endpoint anywhere in the cluster.
     pub has_endpoints: bool,
+    /// Terminating endpoints that neither list selects: no new connection may reach them, but
+    /// a backend that keeps per-endpoint state while connections drain (IPVS real servers at
+    /// weight 0, kube-proxy's graceful termination) still lists them. Routing never uses them.
+    #[serde(default)]
+    pub draining_endpoints: Vec<PlannedEndpoint>,
 }
 
 impl ServicePortPlan {
@@ -182,10 +187,17 @@ pub struct FamilyPlan {
     pub masquerade_all: bool,
     pub masquerade_mark: u32,
     pub node_port_addresses: NodePortAddresses,
-    /// iptables mode: NodePorts also answer on 127.0.0.1 (IPv4 only).
+    /// iptables and IPVS modes: NodePorts also answer on 127.0.0.1 (IPv4 only).
     pub localhost_node_ports: bool,
     pub service_cidrs: Vec<IpNet>,
     pub services: Vec<ServicePortPlan>,
+    /// IPVS mode: `ipvs.scheduler` (kube-proxy's default, `rr`, when unset).
+    #[serde(default = "default_scheduler")]
+    pub ipvs_scheduler: String,
+}
+
+fn default_scheduler() -> String {
+    "rr".into()
 }
 
 impl FamilyPlan {
@@ -269,12 +281,24 @@ pub fn plan(cluster: &Cluster, node: &str, backend: Backend) -> NodePlan {
                 Backend::Iptables | Backend::Ipvs => cfg.iptables_masquerade_all,
             },
             masquerade_mark: 1u32 << cfg.masquerade_bit,
-            localhost_node_ports: backend == Backend::Iptables && family == IpFamily::V4 && cfg.localhost_node_ports,
+            localhost_node_ports: localhost_node_ports(backend, family, cfg),
             service_cidrs,
             services,
+            ipvs_scheduler: if cfg.ipvs_scheduler.is_empty() {
+                default_scheduler()
+            } else {
+                cfg.ipvs_scheduler.clone()
+            },
         });
     }
     NodePlan { node: node.to_string(), backend, families }
+}
+
+/// Localhost NodePorts (IPv4 only, route_localnet) exist in kube-proxy's iptables mode
+/// (`iptables.localhostNodePorts`) and its IPVS mode (which binds 127.0.0.1 with the other node
+/// addresses); never in nftables mode.
+fn localhost_node_ports(backend: Backend, family: IpFamily, cfg: &ProxyConfig) -> bool {
+    matches!(backend, Backend::Iptables | Backend::Ipvs) && family == IpFamily::V4 && cfg.localhost_node_ports
 }
 
 /// kube-proxy's `NodePortAddresses`: the CIDRs of this family (none means all addresses; a zero
@@ -317,8 +341,7 @@ fn node_port_addresses(
         IpFamily::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpFamily::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
     };
-    // Localhost NodePorts exist only in iptables mode, IPv4 (route_localnet).
-    let localhost = backend == Backend::Iptables && family == IpFamily::V4 && cfg.localhost_node_ports;
+    let localhost = localhost_node_ports(backend, family, cfg);
     let mut out: Vec<IpAddr> = ips
         .iter()
         .chain(localhost.then_some(&loopback))
@@ -385,6 +408,12 @@ fn plan_port(
     let c =
         categorize(&endpoints, &hints, internal_policy_local, external_policy_local, externally_accessible, node, zone);
 
+    let draining: Vec<PlannedEndpoint> = endpoints
+        .iter()
+        .filter(|e| e.terminating)
+        .filter(|e| !c.cluster.iter().chain(&c.local).any(|x| x.ip == e.ip && x.port == e.port))
+        .cloned()
+        .collect();
     let source_ranges: Vec<IpNet> =
         svc.load_balancer_source_ranges.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
     // kube-proxy checks its primary node IP only.
@@ -416,6 +445,7 @@ fn plan_port(
         cluster_endpoints: c.cluster,
         local_endpoints: c.local,
         has_endpoints: c.has_any,
+        draining_endpoints: draining,
     }
 }
 

@@ -98,7 +98,7 @@ proptest! {
     #[test]
     fn every_ready_endpoint_is_reachable(specs in spec()) {
         let c = build(&specs);
-        for backend in [Backend::Nftables, Backend::Iptables] {
+        for backend in [Backend::Nftables, Backend::Iptables, Backend::Ipvs] {
             for (i, (_, _, itp, _, _)) in specs.iter().enumerate() {
                 let svc = synthetic::service(i as u32);
                 if *itp || svc.ports[0].protocol != Protocol::Tcp {
@@ -127,7 +127,7 @@ proptest! {
     #[test]
     fn probabilities_sum_to_one(specs in spec(), src in prop::sample::select(vec!["10.1.0.99", "10.2.0.5", "192.168.0.1", "203.0.113.9"])) {
         let c = build(&specs);
-        for backend in [Backend::Nftables, Backend::Iptables] {
+        for backend in [Backend::Nftables, Backend::Iptables, Backend::Ipvs] {
             for (i, _) in specs.iter().enumerate() {
                 let svc = &c.services[&synthetic::service(i as u32).key];
                 let mut dests = vec![format!("{}:80", svc.cluster_ips[0])];
@@ -160,6 +160,25 @@ proptest! {
         let strip = |mut rs: nftables::Ruleset| {
             for t in rs.values_mut() { for s in t.sets.values_mut() { for e in s.elements.values_mut() { e.comment = None; } } }
             rs
+        };
+        prop_assert_eq!(strip(applied), strip(want));
+    }
+
+    /// IPVS: the transaction applied to the old program (virtual servers, sets, chains,
+    /// addresses) yields the new program.
+    #[test]
+    fn ipvs_incremental_lands_on_new_program(a in spec(), b in spec()) {
+        use switchyard_engine::render::ipvs as render_ipvs;
+        use switchyard_engine::trace::ipvs::Program;
+        let (old, new) = (build(&a), build(&b));
+        let (po, pn) = (policy::plan(&old, "node-a", Backend::Ipvs), policy::plan(&new, "node-a", Backend::Ipvs));
+        let mut applied = Program::parse(&render_ipvs::render(&po)).unwrap();
+        applied.apply(&render_ipvs::render_incremental(&po, &pn)).unwrap();
+        let want = Program::parse(&render_ipvs::render(&pn)).unwrap();
+        // A virtual server that stays keeps the comment it was added with.
+        let strip = |mut p: Program| {
+            for v in p.services.values_mut() { v.comment = None; }
+            p
         };
         prop_assert_eq!(strip(applied), strip(want));
     }

@@ -1,4 +1,4 @@
-//! The `switchyard` command line: `render` and `trace`, exactly as the project's CONTRACT.md
+//! The `switchyard` command line: `render`, `trace` and `ipvs list`, exactly as the project's CONTRACT.md
 //! describes them.
 //!
 //! Parsing is clap's (bad values and unknown backends exit 2 with clap's message); running is
@@ -33,6 +33,28 @@ pub enum Command {
     Render(RenderArgs),
     /// Show where a packet goes: verdict, every endpoint it can reach, and the path it takes.
     Trace(TraceArgs),
+    /// IPVS views of a node's program.
+    #[command(subcommand)]
+    Ipvs(IpvsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IpvsCommand {
+    /// Print what `ipvsadm -Ln` would show once the node's IPVS program is loaded.
+    List(IpvsListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IpvsListArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// The node whose program to list.
+    #[arg(long)]
+    pub node: String,
+    /// List this IPVS program (as `render --backend ipvs` prints it, or `ipvsadm -Sn` output)
+    /// instead of rendering the node's. `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub program: Option<PathBuf>,
 }
 
 /// Where the cluster's objects come from.
@@ -218,6 +240,19 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
             };
             write_all(out, &text)
         }
+        Command::Ipvs(IpvsCommand::List(a)) => {
+            let cluster = cluster(&a.source, err)?;
+            let listing = match &a.program {
+                None => switchyard_engine::ipvs_list(&cluster, &a.node)?,
+                Some(path) => {
+                    let text = read_program(path)?;
+                    switchyard_engine::trace::ipvs::Program::parse(&text)
+                        .map_err(|e| Error::Program { path: path.clone(), source: switchyard_engine::Error::Ipvs(e) })?
+                        .list()
+                }
+            };
+            write_all(out, &listing)
+        }
     }
 }
 
@@ -264,7 +299,11 @@ pub fn trace(cluster: &Cluster, a: &TraceArgs) -> Result<Trace, Error> {
         seed: a.seed,
     };
     switchyard_engine::trace(cluster, &req).map_err(|e| match e {
-        e @ (switchyard_engine::Error::Nftables(_) | switchyard_engine::Error::Iptables(_)) if a.program.is_some() => {
+        e @ (switchyard_engine::Error::Nftables(_)
+        | switchyard_engine::Error::Iptables(_)
+        | switchyard_engine::Error::Ipvs(_))
+            if a.program.is_some() =>
+        {
             Error::Program { path: a.program.clone().unwrap_or_default(), source: e }
         }
         e => Error::from(e),

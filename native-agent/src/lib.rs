@@ -2,7 +2,9 @@
 //! `main` and the integration tests can load clusters the way the CLI does.
 //!
 //! - [`load`] reads `--cluster` files and folders into an engine [`Cluster`](switchyard_engine::cluster::Cluster);
+//! - [`apply`] holds the kernel appliers (one trait per backend, a real one and a recording fake);
 //! - [`cli`] defines the `switchyard` command line (clap) and runs `render` and `trace`.
 
+pub mod apply;
 pub mod cli;
 pub mod load;

@@ -284,3 +284,53 @@ fn mermaid_output() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("sequenceDiagram"), "{}", stdout(&o));
 }
+
+/// `ipvs list` prints what `ipvsadm -Ln` would show; `--program` lists a given program
+/// (or plain `ipvsadm -Sn` output); an unknown node exits 2.
+#[test]
+fn ipvs_list() {
+    let cluster = data("cluster");
+    let o = run(&["ipvs", "list", "--cluster", &cluster, "--node", "node-1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "IP Virtual Server version 1.2.1 (size=4096)");
+    assert_eq!(lines[1], "Prot LocalAddress:Port Scheduler Flags");
+    assert_eq!(lines[2], "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn");
+    let i = lines.iter().position(|l| *l == "TCP  10.96.0.10:80 rr").unwrap_or_else(|| panic!("{out}"));
+    assert!(lines[i + 1].starts_with("  -> 10.244.1.10:8080             Masq    1      0          0"), "{out}");
+
+    let saved =
+        TempFile::new("ipvs.sn", "-A -t 10.96.0.10:80 -s sh -p 60\n-a -t 10.96.0.10:80 -r 10.244.1.10:8080 -m -w 2\n");
+    let path = saved.path();
+    let o = run(&["ipvs", "list", "--cluster", &cluster, "--node", "node-1", "--program", &path]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with(
+        "TCP  10.96.0.10:80 sh persistent 60\n  -> 10.244.1.10:8080             Masq    2      0          0         \n"
+    ));
+
+    let o = run(&["ipvs", "list", "--cluster", &cluster, "--node", "no-such-node"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// `render --backend ipvs` writes every section, and `trace --backend ipvs` forwards like the
+/// other backends, saying where IPVS picked the real server.
+#[test]
+fn ipvs_render_and_trace() {
+    let cluster = data("cluster");
+    let o = run(&["render", "--cluster", &cluster, "--node", "node-1", "--backend", "ipvs"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let program = stdout(&o);
+    for marker in ["# ipvsadm -R", "# ipset restore", "# iptables-restore", "# ip -batch"] {
+        assert!(program.lines().any(|l| l == marker), "{marker} missing");
+    }
+    let args = ["--from", "10.244.1.5", "--to", "10.96.0.10:80"];
+    let nft = trace_json(&args);
+    let mut ipvs_args = args.to_vec();
+    ipvs_args.extend_from_slice(&["--backend", "ipvs"]);
+    let v = trace_json(&ipvs_args);
+    assert_eq!(v["verdict"], "forward");
+    assert_eq!(endpoints(&v), endpoints(&nft));
+    let hops = v["hops"].as_array().expect("hops");
+    assert!(hops.iter().any(|h| h["at"] == "input ipvs"), "{v}");
+}

@@ -88,6 +88,18 @@ impl fmt::Display for Probe {
     }
 }
 
+impl Probe {
+    /// The backends this probe holds: those it names, and IPVS wherever iptables forwards: the
+    /// backends must agree on forwarded packets (contract-check's `run.py ... ipvs` does the same).
+    pub fn checked_backends(&self) -> Vec<Backend> {
+        let mut v = self.backends.clone();
+        if v.contains(&Backend::Iptables) && !v.contains(&Backend::Ipvs) && self.verdicts == ["forward"] {
+            v.push(Backend::Ipvs);
+        }
+        v
+    }
+}
+
 fn backend(s: &str) -> Result<Backend, String> {
     match s {
         "nftables" => Ok(Backend::Nftables),

@@ -1,6 +1,8 @@
 //! The acceptance corpus: every probe of every scenario, through the engine's API, held to the
 //! same rules as `shared/contract-check/run.py` (see `switchyard_tests::scenario`).
 //!
+//! IPVS is held to every probe that names it, and to every forwarded probe that names iptables.
+//!
 //! Prints a table (per scenario and backend: passed/total) and every failing probe; fails if any
 //! probe fails. Run with `-- --nocapture` to see the table when everything passes.
 
@@ -60,7 +62,7 @@ fn run_scenario(s: &Scenario, failures: &mut Vec<String>) -> BTreeMap<&'static s
         }
     };
     for probe in &probes {
-        for &backend in &probe.backends {
+        for backend in probe.checked_backends() {
             let c = counts.entry(backend.as_str()).or_default();
             c.1 += 1;
             match scenario::check(&cluster, probe, backend) {

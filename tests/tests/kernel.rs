@@ -70,6 +70,54 @@ impl Loader for Iptables {
     }
 }
 
+/// The IPVS backend, through the agent's real applier run inside the namespace. This kernel may
+/// have no IPVS module: then the `ipvsadm -R` part is skipped (said plainly by the test) and the
+/// virtual servers are checked by the tracer and the parse-back tests instead; likewise the
+/// `ip -batch` part when the kernel has no dummy interface type.
+struct Ipvs;
+
+impl Loader for Ipvs {
+    const BACKEND: Backend = Backend::Ipvs;
+    const TOOLS: &'static [&'static str] =
+        &["ipset", "iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"];
+    fn load(ns: &Netns, program: &str, incremental: bool) -> Result<(), String> {
+        use switchyard_agent::apply::ipvs::{IpvsApplier, Kernel, Transaction, ipvs_available};
+        use switchyard_engine::render::ipvs::Section;
+        let mut k = Kernel::in_netns(ns.name());
+        if !ipvs_available() {
+            k = k.without(Section::Ipvsadm);
+        }
+        if !dummy_available() {
+            k = k.without(Section::Ip);
+        }
+        let t = if incremental { Transaction::from_transaction(program) } else { Transaction::from_program(program) };
+        k.apply(&t).map_err(|e| e.to_string())
+    }
+    fn state(ns: &Netns) -> Result<Vec<String>, String> {
+        let mut out = Iptables::state(ns)?;
+        // `ipset save` as sorted lines, without the kernel's per-set random initval.
+        for line in ns.exec("ipset", &["save"], None)?.lines() {
+            let kept: Vec<&str> = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["create", name, kind, ..] => vec!["create", name, kind],
+                words => words.to_vec(),
+            };
+            out.push(format!("ipset {}", kept.join(" ")));
+        }
+        let addrs = ns.exec("ip", &["-o", "addr", "show", "dev", "kube-ipvs0"], None).unwrap_or_default();
+        out.extend(addrs.lines().filter_map(|l| l.split_whitespace().nth(3)).map(|a| format!("kube-ipvs0 {a}")));
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Whether this kernel can make dummy interfaces (tried once, in a throwaway namespace).
+fn dummy_available() -> bool {
+    static DUMMY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DUMMY.get_or_init(|| {
+        Netns::new().is_ok_and(|ns| ns.exec("ip", &["link", "add", "sy-probe0", "type", "dummy"], None).is_ok())
+    })
+}
+
 /// The IPv4 part (for `iptables-restore`) and the IPv6 part (after the `# ip6tables-restore` line).
 fn split_iptables(program: &str) -> (&str, &str) {
     let mut offset = 0;
@@ -322,6 +370,30 @@ fn nftables_programs_load() {
 #[test]
 fn iptables_programs_load() {
     check_backend::<Iptables>();
+}
+
+/// Every IPVS program's ipset and iptables parts (and its dummy interface addresses) load into a
+/// fresh namespace with the agent's applier, transactions too, ending where the full program
+/// does. The virtual servers need the IPVS module, which this kernel may not have.
+#[test]
+fn ipvs_programs_load() {
+    // Straight to the process's stderr, past the test harness's capture: CI's log must say what
+    // this kernel could not check.
+    let say = |line: &str| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{line}");
+    };
+    if netns::skip_reason(Ipvs::TOOLS).is_none() {
+        if !switchyard_agent::apply::ipvs::ipvs_available() {
+            say("ipvs kernel test: the `ipvsadm -R` part (virtual servers) is SKIPPED because the IPVS module is \
+                 missing (no /proc/net/ip_vs); the ipset and iptables parts are loaded and compared");
+        }
+        if !dummy_available() {
+            say("ipvs kernel test: the `ip -batch` part (kube-ipvs0 addresses) is SKIPPED: this kernel has no \
+                 dummy interfaces");
+        }
+    }
+    check_backend::<Ipvs>();
 }
 
 /// A namespace disappears when its guard is dropped, even on a panic.

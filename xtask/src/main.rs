@@ -16,8 +16,14 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-const APT_PACKAGES: [(&str, &str); 4] =
-    [("nftables", "nft"), ("iptables", "iptables-restore"), ("conntrack", "conntrack"), ("iproute2", "ip")];
+const APT_PACKAGES: [(&str, &str); 6] = [
+    ("nftables", "nft"),
+    ("iptables", "iptables-restore"),
+    ("conntrack", "conntrack"),
+    ("iproute2", "ip"),
+    ("ipset", "ipset"),
+    ("ipvsadm", "ipvsadm"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();

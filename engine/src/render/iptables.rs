@@ -1025,6 +1025,7 @@ fn same_globals(a: &FamilyPlan, b: &FamilyPlan) -> bool {
         localhost_node_ports,
         service_cidrs,
         services: _,
+        ipvs_scheduler: _, // IPVS only
     } = a;
     *family == b.family
         && *local_detector == b.local_detector
@@ -1057,6 +1058,7 @@ fn same_rules(a: &ServicePortPlan, b: &ServicePortPlan) -> bool {
         cluster_endpoints,
         local_endpoints,
         has_endpoints,
+        draining_endpoints: _,
     } = a;
     let same_eps = |x: &[crate::policy::PlannedEndpoint], y: &[crate::policy::PlannedEndpoint]| {
         x.len() == y.len()
@@ -1396,6 +1398,7 @@ ports: [{name: http, port: 80, protocol: TCP}]
                 cluster_endpoints: (0..endpoints).map(|e| ep(s, e)).collect(),
                 local_endpoints: Vec::new(),
                 has_endpoints: endpoints > 0,
+                draining_endpoints: Vec::new(),
             })
             .collect();
         svcs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1412,6 +1415,7 @@ ports: [{name: http, port: 80, protocol: TCP}]
                 localhost_node_ports: true,
                 service_cidrs: vec!["172.30.0.0/16".parse().expect("cidr")],
                 services: svcs,
+                ipvs_scheduler: "rr".into(),
             }],
         }
     }

@@ -2,6 +2,7 @@
 //! transaction that turns one node's program into the next.
 
 pub mod iptables;
+pub mod ipvs;
 pub mod nftables;
 
 /// The comment prefix every program starts with, naming the node and backend.

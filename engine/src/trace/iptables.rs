@@ -169,6 +169,9 @@ pub enum Match {
     CtState { states: Vec<String>, negated: bool },
     /// `--syn`
     TcpSyn { negated: bool },
+    /// `-m set --match-set NAME dst,dst,src`: `source` says, per dimension of the set, whether
+    /// it is taken from the packet's source (`src`) or destination (`dst`).
+    Set { name: String, source: Vec<bool>, negated: bool },
     /// Anything else, as written: never matches.
     Unknown(String),
 }
@@ -255,6 +258,22 @@ const EXTENSION_TARGETS: &[&str] = &[
     "ECN",
     "NFACCT",
 ];
+
+/// The ipsets a program's `-m set` matches look into (the IPVS backend's program has them).
+pub trait IpSets {
+    /// Whether the element the packet gives for `source` is in set `name`; `None` when there is
+    /// no such set (the match then fails, as for any match we cannot evaluate).
+    fn contains(&self, name: &str, source: &[bool], packet: &super::Packet) -> Option<bool>;
+}
+
+/// No ipsets: every `-m set` match fails.
+pub struct NoSets;
+
+impl IpSets for NoSets {
+    fn contains(&self, _: &str, _: &[bool], _: &super::Packet) -> Option<bool> {
+        None
+    }
+}
 
 /// How deep jumps may nest before the tracer gives up on a branch (the kernel refuses loops).
 const MAX_DEPTH: usize = 64;
@@ -912,7 +931,7 @@ fn parse_rule(words: &[&str], text: String, saw_v4: &mut bool, saw_v6: &mut bool
                 module = arg(1)?.to_string();
                 match module.as_str() {
                     "tcp" | "udp" | "sctp" | "multiport" | "comment" | "addrtype" | "mark" | "conntrack" | "state"
-                    | "icmp" | "icmp6" => {}
+                    | "icmp" | "icmp6" | "set" => {}
                     "recent" => recent = Some((String::from("DEFAULT"), None, None, false)),
                     "statistic" => statistic = Some((String::new(), None)),
                     other => rule.matches.push(Match::Unknown(format!("-m {other}"))),
@@ -950,6 +969,20 @@ fn parse_rule(words: &[&str], text: String, saw_v4: &mut bool, saw_v6: &mut bool
                         rule.matches.push(Match::SourcePort { ranges: parse_ports(first()?)?, negated: neg })
                     }
                     (_, "--syn") => rule.matches.push(Match::TcpSyn { negated: neg }),
+                    ("set", "--match-set" | "--set") => {
+                        let name = first()?.to_string();
+                        let dirs = args.get(1).ok_or_else(|| format!("{opt} {name} needs src/dst flags"))?;
+                        let source = dirs
+                            .split(',')
+                            .map(|d| match d {
+                                "src" => Ok(true),
+                                "dst" => Ok(false),
+                                other => Err(format!("{other:?} is not src or dst")),
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        rule.matches.push(Match::Set { name, source, negated: neg });
+                    }
+                    ("set", "--return-nomatch" | "--update-counters" | "--update-subcounters") => {}
                     ("comment", "--comment") => rule.comment = Some(first()?.to_string()),
                     ("addrtype", "--src-type" | "--dst-type") => rule.matches.push(Match::AddrType {
                         source: opt == "--src-type",
@@ -1144,6 +1177,7 @@ struct Run<'a> {
     table_name: &'a str,
     hook: Hook,
     ctx: &'a NodeContext,
+    sets: &'a dyn IpSets,
 }
 
 impl Run<'_> {
@@ -1186,6 +1220,9 @@ impl Run<'_> {
                     }) != *negated
                 }
                 Match::TcpSyn { negated } => (pkt.protocol == Protocol::Tcp) != *negated,
+                Match::Set { name, source, negated } => {
+                    self.sets.contains(name, source, pkt).is_some_and(|found| found != *negated)
+                }
                 Match::Unknown(_) => false,
             };
             if !ok {
@@ -1334,6 +1371,19 @@ impl Run<'_> {
 
 impl Netfilter for Program {
     fn run_hook(&self, hook: Hook, state: PacketState, ctx: &NodeContext) -> Vec<(PacketState, HookVerdict)> {
+        self.run_hook_with_sets(hook, state, ctx, &NoSets)
+    }
+}
+
+impl Program {
+    /// [`Netfilter::run_hook`] with ipsets for the `-m set` matches.
+    pub fn run_hook_with_sets(
+        &self,
+        hook: Hook,
+        state: PacketState,
+        ctx: &NodeContext,
+        sets: &dyn IpSets,
+    ) -> Vec<(PacketState, HookVerdict)> {
         let Some(rs) = self.families.get(&state.packet.family()) else {
             return vec![(state, HookVerdict::Continue)];
         };
@@ -1349,7 +1399,7 @@ impl Netfilter for Program {
         let mut live = vec![(state, HookVerdict::Continue)];
         for (table_name, chain) in tables {
             let Some(table) = rs.tables.get(*table_name) else { continue };
-            let run = Run { table, table_name, hook, ctx };
+            let run = Run { table, table_name, hook, ctx, sets };
             let mut next = Vec::with_capacity(live.len());
             for (s, v) in live {
                 if matches!(v, HookVerdict::Drop | HookVerdict::Reject) {

@@ -8,6 +8,7 @@
 //! consulted: the program is the truth.
 
 pub mod iptables;
+pub mod ipvs;
 pub mod nftables;
 pub mod path;
 

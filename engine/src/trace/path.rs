@@ -107,16 +107,27 @@ pub fn trace(
     for s in live {
         if ctx.is_local(&s.packet.dst) { to_input.push(s) } else { to_forward.push(s) }
     }
+    // IPVS translates at input (LOCAL_IN) and sends the packet out again, through postrouting;
+    // the other backends translate before routing, so what reaches input stays.
+    let resend = |delivered: Vec<PacketState>, finished: &mut Vec<PacketState>| -> Vec<PacketState> {
+        let (resent, delivered): (Vec<_>, Vec<_>) =
+            delivered.into_iter().partition(|s| s.dnat.is_some() && !ctx.is_local(&s.packet.dst));
+        finished.extend(delivered);
+        resent
+    };
     let mut finished = Vec::new();
-    if local_origin {
+    let resent = if local_origin {
         let after = run(program, ctx, Hook::Postrouting, to_input, &mut done);
-        finished.extend(run(program, ctx, Hook::Input, after, &mut done));
+        let resent = resend(run(program, ctx, Hook::Input, after, &mut done), &mut finished);
         finished.extend(run(program, ctx, Hook::Postrouting, to_forward, &mut done));
+        resent
     } else {
-        finished.extend(run(program, ctx, Hook::Input, to_input, &mut done));
+        let resent = resend(run(program, ctx, Hook::Input, to_input, &mut done), &mut finished);
         let fwd = run(program, ctx, Hook::Forward, to_forward, &mut done);
         finished.extend(run(program, ctx, Hook::Postrouting, fwd, &mut done));
-    }
+        resent
+    };
+    finished.extend(run(program, ctx, Hook::Postrouting, resent, &mut done));
     done.extend(finished.into_iter().map(|s| (s, HookVerdict::Continue)));
 
     let verdict_of = |s: &PacketState, v: HookVerdict| match v {
