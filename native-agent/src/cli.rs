@@ -236,7 +236,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
                     s
                 }
                 Output::Text => text(&trace, &a.to),
-                Output::Mermaid => mermaid(&trace)?,
+                Output::Mermaid => mermaid(&cluster, &trace),
             };
             write_all(out, &text)
         }
@@ -278,9 +278,10 @@ fn demo_cluster() -> Result<Cluster, Error> {
     Ok(switchyard_engine::demo::cluster())
 }
 
-/// The trace as a Mermaid sequence diagram.
-fn mermaid(trace: &Trace) -> Result<String, Error> {
-    Ok(switchyard_engine::flow::mermaid(trace))
+/// The trace as a Mermaid sequence diagram, with pods and nodes named from the cluster.
+fn mermaid(cluster: &Cluster, trace: &Trace) -> String {
+    let ctx = switchyard_engine::flow::DiagramContext::from_cluster(cluster, trace);
+    switchyard_engine::flow::diagram(trace, &ctx).to_mermaid()
 }
 
 /// Builds the engine's request from the arguments and traces it.
