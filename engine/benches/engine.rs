@@ -47,6 +47,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("ipvs incremental (1 endpoint change)", |b| {
         b.iter(|| render::ipvs::render_incremental(black_box(&vplan), black_box(&vplan2)))
     });
+    g.bench_function("ipvs incremental, changed services known (1 endpoint change)", |b| {
+        b.iter(|| render::ipvs::render_incremental_for(black_box(&vplan), black_box(&vplan2), Some(&only)))
+    });
 
     let ctx = NodeContext { node: "node-a".into(), addresses: vec!["192.168.0.1".parse().expect("ip")] };
     let topo = Topology::from_cluster(&cluster);

@@ -111,7 +111,15 @@ fn incremental_applied_equals_new() {
             let mut program = Program::parse(&switchyard_engine::render(&prev, &node, Backend::Ipvs).unwrap()).unwrap();
             for (i, next) in steps.iter().enumerate() {
                 let tx = switchyard_engine::render_incremental(&prev, next, &node, Backend::Ipvs).unwrap();
+                // The same change with the changed services named, as the agent's sync loop does.
+                let (po, pn) = (policy::plan(&prev, &node, Backend::Ipvs), policy::plan(next, &node, Backend::Ipvs));
+                let hinted = render::render_incremental_for(&po, &pn, Some(&changed_services(&prev, next)));
+                let mut via_hint = program.clone();
+                via_hint.apply(&hinted).unwrap_or_else(|e| panic!("{name} {node} step {i} (hint): {e}\n{hinted}"));
                 program.apply(&tx).unwrap_or_else(|e| panic!("{name} {node} step {i}: {e}\n{tx}"));
+                assert_eq!(via_hint.services, program.services, "{name} {node} step {i}: hint");
+                assert_eq!(via_hint.sets, program.sets, "{name} {node} step {i}: hint");
+                assert_eq!(via_hint.addresses, program.addresses, "{name} {node} step {i}: hint");
                 let want = Program::parse(&switchyard_engine::render(next, &node, Backend::Ipvs).unwrap()).unwrap();
                 assert_eq!(program.services, want.services, "{name} {node} step {i}");
                 assert_eq!(program.sets, want.sets, "{name} {node} step {i}");
@@ -122,6 +130,14 @@ fn incremental_applied_equals_new() {
             assert_eq!(switchyard_engine::render_incremental(&prev, &prev, &node, Backend::Ipvs).unwrap(), "");
         }
     }
+}
+
+/// The services whose objects differ between two clusters (what a sync loop's change tracker knows).
+fn changed_services(a: &Cluster, b: &Cluster) -> std::collections::BTreeSet<switchyard_engine::model::ObjectKey> {
+    let (sa, sb) = (a.slices_by_service(), b.slices_by_service());
+    let keys: std::collections::BTreeSet<_> =
+        a.services.keys().chain(b.services.keys()).chain(sa.keys()).chain(sb.keys()).cloned().collect();
+    keys.into_iter().filter(|k| a.services.get(k) != b.services.get(k) || sa.get(k) != sb.get(k)).collect()
 }
 
 /// A transaction uses ipvsadm's edit commands: real servers removed with `-d`, weights with `-e`,
@@ -276,4 +292,47 @@ fn node_listings_trace() {
     assert_eq!(t.verdict, Verdict::Forward);
     assert_eq!(t.outcomes.len(), 1);
     assert!(t.hops.iter().any(|h| h.action == "mark for masquerade"), "{:?}", t.hops);
+}
+
+/// With the changed services named, a transaction is the same as comparing whole programs, and
+/// it keeps what an unchanged service still needs (an endpoint behind two services stays in the
+/// hairpin set when one of them goes).
+#[test]
+fn hinted_transactions_keep_shared_members() {
+    use switchyard_engine::model::ObjectKey;
+    let c = switchyard_engine::demo::cluster();
+    let nginx = ObjectKey::new("default", "nginx-svc");
+    let mut fewer = c.clone();
+    fewer.endpoint_slices.retain(|k, _| !k.name.starts_with("nginx"));
+    let (po, pn) = (policy::plan(&c, "node-1", Backend::Ipvs), policy::plan(&fewer, "node-1", Backend::Ipvs));
+    let only = [nginx.clone()].into_iter().collect();
+    assert_eq!(render::render_incremental_for(&po, &pn, Some(&only)), render::render_incremental(&po, &pn));
+
+    // A second service in front of nginx's pods, then removed again.
+    let mut two = c.clone();
+    let copy = ObjectKey::new("default", "nginx-copy");
+    let mut svc = c.services[&nginx].clone();
+    svc.key = copy.clone();
+    svc.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+    svc.load_balancer_ingress.clear();
+    svc.external_ips.clear();
+    svc.ports.iter_mut().for_each(|p| p.node_port = None);
+    svc.service_type = switchyard_engine::model::ServiceType::ClusterIP;
+    two.services.insert(copy.clone(), svc);
+    let slices: Vec<_> = c.endpoint_slices.values().filter(|s| s.service == "nginx-svc").cloned().collect();
+    for mut s in slices {
+        s.key = ObjectKey::new("default", format!("{}-copy", s.key.name));
+        s.service = "nginx-copy".into();
+        two.endpoint_slices.insert(s.key.clone(), s);
+    }
+    let (p2, p1) = (policy::plan(&two, "node-1", Backend::Ipvs), policy::plan(&c, "node-1", Backend::Ipvs));
+    let only = [copy].into_iter().collect();
+    let tx = render::render_incremental_for(&p2, &p1, Some(&only));
+    assert!(tx.contains("-D -t 10.96.0.11:80\n"), "{tx}");
+    assert!(!tx.contains("del SWITCHYARD-LOOP-BACK"), "{tx}");
+    let mut program = Program::parse(&render::render(&p2)).unwrap();
+    program.apply(&tx).unwrap();
+    let want = Program::parse(&render::render(&p1)).unwrap();
+    assert_eq!(program.sets, want.sets);
+    assert_eq!(program.services.len(), want.services.len());
 }

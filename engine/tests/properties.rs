@@ -173,8 +173,14 @@ proptest! {
         let (old, new) = (build(&a), build(&b));
         let (po, pn) = (policy::plan(&old, "node-a", Backend::Ipvs), policy::plan(&new, "node-a", Backend::Ipvs));
         let mut applied = Program::parse(&render_ipvs::render(&po)).unwrap();
+        let mut hinted = applied.clone();
         applied.apply(&render_ipvs::render_incremental(&po, &pn)).unwrap();
+        // The same with every service named as changed (the changed-services path).
+        let all = old.services.keys().chain(new.services.keys()).cloned().collect();
+        hinted.apply(&render_ipvs::render_incremental_for(&po, &pn, Some(&all))).unwrap();
         let want = Program::parse(&render_ipvs::render(&pn)).unwrap();
+        prop_assert_eq!(&hinted.sets, &want.sets);
+        prop_assert_eq!(&hinted.addresses, &want.addresses);
         // A virtual server that stays keeps the comment it was added with.
         let strip = |mut p: Program| {
             for v in p.services.values_mut() { v.comment = None; }

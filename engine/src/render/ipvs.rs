@@ -982,12 +982,92 @@ pub fn render_incremental(old: &NodePlan, new: &NodePlan) -> String {
     render_incremental_for(old, new, None)
 }
 
-/// [`render_incremental`] with the services known to have changed. The IPVS model is compared
-/// whole (it is cheap next to writing it), so the hint is accepted for symmetry with the other
-/// backends and not needed for correctness.
+/// [`render_incremental`] when the caller knows which services changed (the agent's sync loop
+/// does): only their service ports are modelled and compared, so one endpoint change costs the
+/// same at any cluster size. `changed` must name every service whose plan may differ. Falls back
+/// to comparing whole programs when family-level settings differ or a changed service has
+/// `externalTrafficPolicy: Local` (its firewall mark is numbered among all such services).
 pub fn render_incremental_for(old: &NodePlan, new: &NodePlan, changed: Option<&BTreeSet<ObjectKey>>) -> String {
-    let _ = changed;
-    diff(&new.node, &model(old), &model(new))
+    if let Some(changed) = changed
+        && let Some(t) = partial_diff(old, new, changed)
+    {
+        return t;
+    }
+    diff(&new.node, &model(old), &model(new), &|_, _| false, &|_| false)
+}
+
+/// A family plan with only some of its service ports. (Destructured so that a new field cannot
+/// be forgotten here.)
+fn subset(f: &FamilyPlan, keep: &dyn Fn(&ServicePortPlan) -> bool) -> FamilyPlan {
+    let FamilyPlan {
+        family,
+        node_ips,
+        local_detector,
+        masquerade_all,
+        masquerade_mark,
+        node_port_addresses,
+        localhost_node_ports,
+        service_cidrs,
+        services,
+        ipvs_scheduler,
+    } = f;
+    FamilyPlan {
+        family: *family,
+        node_ips: node_ips.clone(),
+        local_detector: local_detector.clone(),
+        masquerade_all: *masquerade_all,
+        masquerade_mark: *masquerade_mark,
+        node_port_addresses: node_port_addresses.clone(),
+        localhost_node_ports: *localhost_node_ports,
+        service_cidrs: service_cidrs.clone(),
+        services: services.iter().filter(|p| keep(p)).cloned().collect(),
+        ipvs_scheduler: ipvs_scheduler.clone(),
+    }
+}
+
+/// The transaction from the changed services' ports alone, or `None` when it cannot be told
+/// from them.
+fn partial_diff(old: &NodePlan, new: &NodePlan, changed: &BTreeSet<ObjectKey>) -> Option<String> {
+    if old.families.len() != new.families.len() {
+        return None;
+    }
+    let is_changed = |p: &ServicePortPlan| changed.contains(&p.name.service);
+    let (mut mo, mut mn) = (Model::default(), Model::default());
+    for (fo, fnew) in old.families.iter().zip(&new.families) {
+        let (so, sn) = (subset(fo, &is_changed), subset(fnew, &is_changed));
+        let empty = |f: &FamilyPlan| FamilyPlan { services: Vec::new(), ..f.clone() };
+        if empty(&so) != empty(&sn) || so.services.iter().chain(&sn.services).any(|p| p.external_policy_local) {
+            return None;
+        }
+        family_model(&so, &mut mo);
+        family_model(&sn, &mut mn);
+    }
+    // An element the changed ports no longer give may still come from an unchanged port: an
+    // endpoint behind two services (hairpin set), an address shared by two services.
+    let unchanged = || new.families.iter().flat_map(|f| f.services.iter()).filter(|p| !is_changed(p));
+    let address_used = |ip: IpAddr| {
+        unchanged().any(|p| p.cluster_ip == ip || p.external_ips.contains(&ip) || p.load_balancer_ips.contains(&ip))
+    };
+    let element_used = |set: &str, e: &str| {
+        if set.ends_with("-IPVS-IPS") {
+            return e.parse().is_ok_and(address_used);
+        }
+        if !set.ends_with("-LOOP-BACK") {
+            return false;
+        }
+        let mut parts = e.split(',');
+        let ip = parts.next().and_then(|a| a.parse::<IpAddr>().ok());
+        let proto_port = parts.next().and_then(|pp| pp.split_once(':'));
+        let (Some(ip), Some((proto, port))) = (ip, proto_port) else {
+            return false;
+        };
+        let Ok(port) = port.parse::<u16>() else { return false };
+        unchanged().any(|p| {
+            p.protocol.as_str() == proto
+                && p.cluster_endpoints.iter().chain(&p.local_endpoints).any(|x| x.ip == ip && x.port == port)
+        })
+    };
+    Some(diff(&new.node, &mo, &mn, &element_used, &address_used))
 }
 
 fn write_vs(v: &VirtualServer, out: &mut String) {
@@ -1076,7 +1156,15 @@ fn write_full(node: &str, m: &Model) -> String {
     out
 }
 
-fn diff(node: &str, old: &Model, new: &Model) -> String {
+/// The transaction from `old` to `new`. A set member or address that `old` has and `new` lacks is
+/// kept when `still_used` says another part of the program gives it (partial models).
+fn diff(
+    node: &str,
+    old: &Model,
+    new: &Model,
+    still_used: &dyn Fn(&str, &str) -> bool,
+    address_used: &dyn Fn(IpAddr) -> bool,
+) -> String {
     let mut ipvs = String::new();
     for (k, o) in &old.services {
         if !new.services.contains_key(k) {
@@ -1112,7 +1200,7 @@ fn diff(node: &str, old: &Model, new: &Model) -> String {
         match old.sets.get(name) {
             None => write_set(n, false, &mut sets),
             Some(o) => {
-                for e in o.members.difference(&n.members) {
+                for e in o.members.difference(&n.members).filter(|e| !still_used(name, e)) {
                     let _ = writeln!(sets, "del {name} {e}");
                 }
                 for e in n.members.difference(&o.members) {
@@ -1200,10 +1288,10 @@ fn diff(node: &str, old: &Model, new: &Model) -> String {
     }
 
     let mut ip = String::new();
-    for a in old.addresses.difference(&new.addresses) {
+    for a in old.addresses.difference(&new.addresses).filter(|a| !address_used(**a)) {
         let _ = writeln!(ip, "addr del {} dev {DUMMY_INTERFACE}", host(*a));
     }
-    for a in new.addresses.difference(&old.addresses) {
+    for a in new.addresses.difference(&old.addresses).filter(|a| !address_used(**a)) {
         let _ = writeln!(ip, "addr add {} dev {DUMMY_INTERFACE}", host(*a));
     }
 
