@@ -4,22 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use switchyard_engine::cluster::Cluster;
+mod common;
+
+use common::{FIXTURES, cluster};
 use switchyard_engine::policy::Backend;
-
-const FIXTURES: &[(&str, &str)] = &[
-    ("example", include_str!("fixtures/example.yaml")),
-    ("masq-ie-base", include_str!("fixtures/masq-ie-base.yaml")),
-    ("ep-dualstack", include_str!("fixtures/ep-dualstack.yaml")),
-    ("ep-lb-source-ranges", include_str!("fixtures/ep-lb-source-ranges.yaml")),
-    ("etp-local-no-local-endpoints", include_str!("fixtures/etp-local-no-local-endpoints.yaml")),
-    ("ep-terminating-local", include_str!("fixtures/ep-terminating-local.yaml")),
-    ("ep-topology", include_str!("fixtures/ep-topology.yaml")),
-];
-
-fn cluster(name: &str, text: &str) -> Cluster {
-    Cluster::from_objects(switchyard_engine::input::parse(name, text).expect("fixture parses").objects)
-}
 
 #[test]
 fn nftables_programs() {

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{FIXTURES, cluster};
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::policy::{self, Backend};
 use switchyard_engine::render::ipvs as render;
@@ -12,20 +15,6 @@ use switchyard_engine::trace::ipvs::Program;
 use switchyard_engine::trace::path::{self, Topology};
 use switchyard_engine::trace::{NodeContext, Packet, SocketAddr, Verdict};
 use switchyard_engine::{Destination, TraceRequest};
-
-const FIXTURES: &[(&str, &str)] = &[
-    ("example", include_str!("fixtures/example.yaml")),
-    ("masq-ie-base", include_str!("fixtures/masq-ie-base.yaml")),
-    ("ep-dualstack", include_str!("fixtures/ep-dualstack.yaml")),
-    ("ep-lb-source-ranges", include_str!("fixtures/ep-lb-source-ranges.yaml")),
-    ("etp-local-no-local-endpoints", include_str!("fixtures/etp-local-no-local-endpoints.yaml")),
-    ("ep-terminating-local", include_str!("fixtures/ep-terminating-local.yaml")),
-    ("ep-topology", include_str!("fixtures/ep-topology.yaml")),
-];
-
-fn cluster(name: &str, text: &str) -> Cluster {
-    Cluster::from_objects(switchyard_engine::input::parse(name, text).expect("fixture parses").objects)
-}
 
 fn clusters() -> Vec<(String, Cluster, Vec<String>)> {
     let mut v: Vec<(String, Cluster, Vec<String>)> =
