@@ -1386,12 +1386,13 @@ impl Exec<'_> {
         loop {
             let Some(rule) = ch.rules.get(i) else { return out.push((s, Flow::Return)) };
             self.rule(name, rule, 0, s, &mut results);
-            if results.len() == 1 && matches!(results[0].1, Flow::Next | Flow::NoMatch) {
-                if let Some((next, _)) = results.pop() {
-                    s = next;
-                    i += 1;
-                    continue;
-                }
+            if results.len() == 1
+                && matches!(results[0].1, Flow::Next | Flow::NoMatch)
+                && let Some((next, _)) = results.pop()
+            {
+                s = next;
+                i += 1;
+                continue;
             }
             for (st, flow) in std::mem::take(&mut results) {
                 self.follow(name, ch, rule, i, st, flow, depth, out);
