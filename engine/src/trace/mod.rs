@@ -236,9 +236,31 @@ pub struct PacketState {
     pub accepted: bool,
     pub probability: f64,
     pub hops: Hops,
+    /// Whether this branch records hops. Only one sampled path is drawn, so at a
+    /// load-balancing fork a program may keep recording on the branch the seed picks and skip
+    /// the words for the others; outcomes and probabilities are unaffected.
+    pub record: bool,
+    /// Drives that pick; forks advance it.
+    pub seed: u64,
 }
 
 impl PacketState {
+    /// At a fork into `weights.len()` branches, which one keeps recording (if this one does).
+    pub fn pick(&mut self, weights: &[f64]) -> Option<usize> {
+        if !self.record {
+            return None;
+        }
+        let total: f64 = weights.iter().sum();
+        let mut x = crate::trace::path::next_unit(&mut self.seed) * total;
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                return Some(i);
+            }
+            x -= w;
+        }
+        weights.len().checked_sub(1)
+    }
+
     pub fn new(p: Packet) -> Self {
         PacketState {
             packet: p,
@@ -249,6 +271,8 @@ impl PacketState {
             accepted: false,
             probability: 1.0,
             hops: Hops::default(),
+            record: true,
+            seed: 0,
         }
     }
 }

@@ -1190,6 +1190,9 @@ impl Exec<'_> {
     }
 
     fn hop(&self, s: &mut PacketState, chain: &str, rule: &Rule, action: String, comment: Option<String>) {
+        if !s.record {
+            return;
+        }
         let at = self.at.clone();
         s.hops.push(Hop {
             node: Some(self.ctx.node.clone()),
@@ -1305,10 +1308,12 @@ impl Exec<'_> {
                     return NoMatch;
                 }
                 let Some(keys) = key_values(fields, s) else { return NoMatch };
+                let keep = if keys.len() > 1 { s.pick(&keys.iter().map(|k| k.1).collect::<Vec<_>>()) } else { None };
                 let mut out = Vec::new();
-                for (key, w) in keys {
+                for (i, (key, w)) in keys.into_iter().enumerate() {
                     let mut b = s.clone();
                     b.probability *= w;
+                    b.record &= keep.is_none_or(|k| k == i);
                     match self.lookup(map, &key) {
                         None => out.push((b, Some(Flow::NoMatch))),
                         Some((verdict, comment, name)) => {
@@ -1341,9 +1346,12 @@ impl Exec<'_> {
                         })
                         .collect()
                 };
-                for (target, w, comment, via) in targets {
+                let keep =
+                    if targets.len() > 1 { s.pick(&targets.iter().map(|t| t.1).collect::<Vec<_>>()) } else { None };
+                for (i, (target, w, comment, via)) in targets.into_iter().enumerate() {
                     let mut b = s.clone();
                     b.probability *= w;
+                    b.record &= keep.is_none_or(|k| k == i);
                     match parse_target(&target, s.packet.dst_port) {
                         Some(ep) => {
                             b.packet.dst = ep.ip;

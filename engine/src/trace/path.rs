@@ -58,7 +58,7 @@ impl Topology {
 }
 
 /// A small deterministic generator so a sampled path is repeatable from a seed.
-fn next_unit(seed: &mut u64) -> f64 {
+pub(crate) fn next_unit(seed: &mut u64) -> f64 {
     // splitmix64
     *seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *seed;
@@ -88,6 +88,7 @@ pub fn trace(
 ) -> Trace {
     let local_origin = ctx.is_local(&packet.src);
     let mut first = PacketState::new(packet);
+    first.seed = seed;
     first.hops.push(Hop {
         node: Some(ctx.node.clone()),
         packet: Some(packet_text(&packet)),
@@ -176,8 +177,15 @@ pub fn trace(
 
     // One sampled path among the branches of the winning verdict.
     let mut seed = seed;
-    let candidates: Vec<&(PacketState, HookVerdict)> =
+    let mut candidates: Vec<&(PacketState, HookVerdict)> =
         done.iter().filter(|(s, v)| verdict_of(s, *v) == verdict).collect();
+    // A program that sampled at its forks recorded hops on one branch only: draw that one.
+    if candidates.iter().any(|(s, _)| !s.record) {
+        candidates.retain(|(s, _)| s.record);
+        if candidates.is_empty() {
+            candidates = done.iter().filter(|(s, v)| verdict_of(s, *v) == verdict).collect();
+        }
+    }
     let total: f64 = candidates.iter().map(|(s, _)| s.probability).sum();
     let mut pick = next_unit(&mut seed) * total;
     let mut chosen = candidates.first().map(|(s, _)| s.clone());
