@@ -1,4 +1,4 @@
-//! The `switchyard` command line: `render`, `trace` and `ipvs list`, exactly as the project's CONTRACT.md
+//! The `switchyard` command line: `render`, `trace`, `ipvs list` and `agent`, exactly as the project's CONTRACT.md
 //! describes them.
 //!
 //! Parsing is clap's (bad values and unknown backends exit 2 with clap's message); running is
@@ -36,6 +36,33 @@ pub enum Command {
     /// IPVS views of a node's program.
     #[command(subcommand)]
     Ipvs(IpvsCommand),
+    /// Keep this node's kernel in step with a manifests folder; serve /metrics and /healthz.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The node this agent programs.
+    #[arg(long)]
+    pub node: String,
+    /// A folder of Kubernetes objects (read recursively: *.yaml, *.yml, *.json), watched for
+    /// changes.
+    #[arg(long, value_name = "DIR")]
+    pub cluster: PathBuf,
+    #[arg(long, value_enum, default_value_t = AgentBackendArg::Nftables)]
+    pub backend: AgentBackendArg,
+    /// Where /metrics and /healthz are served.
+    #[arg(long, default_value = "127.0.0.1:10260")]
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AgentBackendArg {
+    Nftables,
+    Iptables,
+    Ipvs,
+    /// Compute and track the program, write nothing.
+    None,
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +214,8 @@ pub enum Error {
     Unavailable(&'static str),
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 impl Error {
@@ -253,7 +282,37 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
             };
             write_all(out, &listing)
         }
+        Command::Agent(a) => agent(a),
     }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+fn agent(a: AgentArgs) -> Result<(), Error> {
+    use crate::agent::{self, AgentConfig, AgentError, BackendChoice};
+    let backend = match a.backend {
+        AgentBackendArg::Nftables => BackendChoice::Nftables,
+        AgentBackendArg::Iptables => BackendChoice::Iptables,
+        AgentBackendArg::None => BackendChoice::None,
+        AgentBackendArg::Ipvs => return Err(Error::Unavailable("the agent's ipvs backend")),
+    };
+    let cfg = AgentConfig {
+        node: a.node,
+        manifests: a.cluster,
+        backend,
+        netns: None,
+        backoff: crate::sync::Backoff::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(AgentError::Serve)?;
+        eprintln!("switchyard: node {} ({}), serving http://{}/metrics", cfg.node, backend.as_str(), a.listen);
+        agent::run(cfg, listener, agent::termination()).await
+    })?;
+    Ok(())
 }
 
 fn write_all(out: &mut dyn Write, s: &str) -> Result<(), Error> {
@@ -430,6 +489,20 @@ mod tests {
             let e = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
         }
+    }
+
+    /// The agent's line parses with its defaults: nftables, 127.0.0.1:10260.
+    #[test]
+    fn agent_arguments_and_defaults() {
+        let cli = parse(&["agent", "--node", "n1", "--cluster", "dir"]).expect("parses");
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!((a.node.as_str(), a.cluster.as_path()), ("n1", Path::new("dir")));
+        assert_eq!(a.backend, AgentBackendArg::Nftables);
+        assert_eq!(a.listen, "127.0.0.1:10260".parse().expect("addr"));
+        let cli = parse(&["agent", "--node", "n1", "--cluster", "dir", "--backend", "ipvs"]).expect("parses");
+        let e = run(cli, &mut Vec::new(), &mut Vec::new()).expect_err("ipvs is not in the agent yet");
+        assert_eq!(e.exit_code(), 1);
+        assert!(parse(&["agent", "--node", "n1", "--cluster", "d", "--backend", "bpf"]).is_err());
     }
 
     /// `--to` takes IPv6 in brackets and DNS names with ports.

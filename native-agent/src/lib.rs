@@ -3,8 +3,14 @@
 //!
 //! - [`load`] reads `--cluster` files and folders into an engine [`Cluster`](switchyard_engine::cluster::Cluster);
 //! - [`apply`] holds the kernel appliers (one trait per backend, a real one and a recording fake);
-//! - [`cli`] defines the `switchyard` command line (clap) and runs `render` and `trace`.
+//! - [`cli`] defines the `switchyard` command line (clap) and runs `render`, `trace` and `agent`;
+//! - [`source`] watches a manifests folder; [`sync`] is the sync loop's pure state machine;
+//!   [`agent`] runs them with the appliers under tokio and serves [`metrics`] and health.
 
+pub mod agent;
 pub mod apply;
 pub mod cli;
 pub mod load;
+pub mod metrics;
+pub mod source;
+pub mod sync;

@@ -1,0 +1,417 @@
+//! `switchyard agent`: keeps one node's kernel in step with a manifests folder, as kube-proxy keeps
+//! it in step with the API server, and serves `/metrics` and `/healthz`.
+//!
+//! The pieces: [`crate::source::ManifestSource`] (re-read when `notify` reports a change),
+//! [`crate::sync::State`] (the pure loop; this module only carries out its actions and feeds it
+//! the clock), a [`Kernel`] per backend over the appliers of [`crate::apply`], and an axum server.
+//! [`run`] takes its listener and shutdown signal as arguments so tests can bind port 0 and stop
+//! it; [`spawn`] runs it on a thread of its own for callers without a runtime.
+//!
+//! Shutdown (SIGTERM, SIGINT) leaves every rule in place, as kube-proxy does: traffic keeps
+//! flowing while the agent restarts, and the next start reconciles with a full sync.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State as Extract;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use notify::Watcher as _;
+use switchyard_engine::policy;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::apply::{iptables, nftables};
+use crate::metrics::{Health, Metrics};
+use crate::source::ManifestSource;
+use crate::sync::{Action, Backoff, Input, State, SyncKind};
+
+/// Which kernel interface the agent programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    Nftables,
+    Iptables,
+    /// Render and track everything, write nothing: a dry run.
+    None,
+}
+
+impl BackendChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Nftables => "nftables",
+            BackendChoice::Iptables => "iptables",
+            BackendChoice::None => "none",
+        }
+    }
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    /// The manifests folder (`--cluster`).
+    pub manifests: PathBuf,
+    pub backend: BackendChoice,
+    /// Run the kernel tools inside this network namespace (`ip netns exec`), for tests.
+    pub netns: Option<String>,
+    pub backoff: Backoff,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot watch {}: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("cannot serve HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the agent's thread panicked")]
+    Panicked,
+}
+
+/// The kernel side of one backend, as the loop sees it: full programs and transactions in, an
+/// error message out.
+pub trait Kernel: Send + 'static {
+    fn apply(&mut self, kind: SyncKind, program: &str) -> Result<(), String>;
+}
+
+/// nftables: a full sync also deletes our table of a family the program no longer has.
+pub struct NftKernel<A>(pub A);
+
+impl<A: nftables::NftApplier + Send + 'static> Kernel for NftKernel<A> {
+    fn apply(&mut self, kind: SyncKind, program: &str) -> Result<(), String> {
+        let script = match kind {
+            SyncKind::Full => {
+                let owned = self.0.owned_families().map_err(|e| e.to_string())?;
+                nftables::full_sync_script(program, &owned)
+            }
+            SyncKind::Partial => program.to_string(),
+        };
+        self.0.apply(&script).map_err(|e| e.to_string())
+    }
+}
+
+/// iptables: `--noflush` restores of our chains, builtin jumps ensured one by one.
+pub struct IptKernel<A>(pub A);
+
+impl<A: iptables::IptablesApplier + Send + 'static> Kernel for IptKernel<A> {
+    fn apply(&mut self, kind: SyncKind, program: &str) -> Result<(), String> {
+        let r = match kind {
+            SyncKind::Full => iptables::apply_full(&mut self.0, program),
+            SyncKind::Partial => iptables::apply_incremental(&mut self.0, program),
+        };
+        r.map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// `--backend none`: accepts everything, writes nothing.
+pub struct NoKernel;
+
+impl Kernel for NoKernel {
+    fn apply(&mut self, _: SyncKind, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What the HTTP handlers read.
+struct Shared {
+    metrics: Metrics,
+    health: Mutex<Health>,
+}
+
+/// Runs the agent until `shutdown` completes. Rules are left in place on the way out.
+pub async fn run(
+    cfg: AgentConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let shared = Arc::new(Shared { metrics: Metrics::new(cfg.backend.as_str()), health: Mutex::default() });
+    let prefix = cfg.netns.as_deref().map(ns_prefix).unwrap_or_default();
+    let (kernel, plan_backend): (Box<dyn Kernel>, policy::Backend) = match cfg.backend {
+        BackendChoice::Nftables => {
+            let k = nftables::Kernel { prefix };
+            (Box::new(NftKernel(k)), policy::Backend::Nftables)
+        }
+        BackendChoice::Iptables => {
+            let k = iptables::Kernel { prefix };
+            // iptables-nft restores are far slower than legacy ones at scale: say which it is.
+            let variant = k.variant().unwrap_or_else(|e| {
+                eprintln!("switchyard: cannot tell the iptables variant: {e}");
+                iptables::Variant::Unknown
+            });
+            eprintln!("switchyard: iptables variant: {}", variant.as_str());
+            shared.metrics.iptables_variant(variant.as_str());
+            (Box::new(IptKernel(k)), policy::Backend::Iptables)
+        }
+        BackendChoice::None => (Box::new(NoKernel), policy::Backend::Nftables),
+    };
+
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let router = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz_handler))
+        .with_state(shared.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+
+    // notify calls back on its own thread; a full channel already means "reload".
+    let (tx, mut changed) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.as_ref().map_or(true, changes_content) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
+    watcher
+        .watch(&cfg.manifests, notify::RecursiveMode::Recursive)
+        .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
+
+    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &mut changed, shutdown).await;
+    drop(watcher);
+    let _ = stop_http.send(());
+    match server.await {
+        Ok(Ok(())) => result,
+        Ok(Err(e)) => Err(AgentError::Serve(e)),
+        Err(_) => Err(AgentError::Panicked),
+    }
+}
+
+async fn sync_loop(
+    cfg: &AgentConfig,
+    backend: policy::Backend,
+    mut kernel: Box<dyn Kernel>,
+    shared: &Shared,
+    changed: &mut mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let origin = Instant::now();
+    let mut state = State::new(cfg.node.clone(), backend, cfg.backoff);
+    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut deadline: Option<Instant> = None;
+    tokio::pin!(shutdown);
+
+    let mut errors = Vec::new();
+    let mut input = Some(reload(&mut source, origin, true, &mut errors));
+    loop {
+        let mut step_started = Instant::now();
+        let mut actions: VecDeque<Action> = input.take().map(|i| state.step(i).into()).unwrap_or_default();
+        while let Some(a) = actions.pop_front() {
+            match a {
+                Action::Apply { kind, program } => {
+                    // The kernel tools block: run them off the runtime's workers.
+                    let (k, result) = tokio::task::spawn_blocking(move || {
+                        let r = kernel.apply(kind, &program);
+                        (kernel, r)
+                    })
+                    .await
+                    .map_err(|_| AgentError::Panicked)?;
+                    kernel = k;
+                    let took = step_started.elapsed();
+                    step_started = Instant::now();
+                    let now = origin.elapsed();
+                    actions.extend(state.step(Input::Applied { now, took, error: result.err() }));
+                }
+                Action::Wake { at } => deadline = Some(origin + at),
+                Action::Report(r) => {
+                    shared.metrics.observe(&r);
+                    if let Ok(mut h) = shared.health.lock() {
+                        h.observe(&r);
+                    }
+                    match (&r.error, r.wrote) {
+                        (Some(e), _) => eprintln!(
+                            "switchyard: {} sync failed ({} in a row): {e}",
+                            r.kind.as_str(),
+                            r.consecutive_failures
+                        ),
+                        (None, true) => eprintln!(
+                            "switchyard: {} sync in {:.1} ms: {} service ports, {} endpoints",
+                            r.kind.as_str(),
+                            r.took.as_secs_f64() * 1000.0,
+                            r.service_ports,
+                            r.endpoints
+                        ),
+                        (None, false) => {}
+                    }
+                }
+            }
+        }
+        shared.metrics.pending(state.pending_services(), state.pending_endpoints());
+
+        let wake_at = deadline;
+        let sleep = async move {
+            match wake_at {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut shutdown => {
+                eprintln!("switchyard: stopping; the rules stay in place");
+                return Ok(());
+            }
+            Some(()) = changed.recv() => {
+                let i = reload(&mut source, origin, false, &mut errors);
+                if matches!(i, Input::Cluster { .. }) {
+                    shared.metrics.queued();
+                }
+                input = Some(i);
+            }
+            () = sleep => {
+                deadline = None;
+                input = Some(Input::Tick { now: origin.elapsed() });
+            }
+        }
+    }
+}
+
+/// Reads the folder again; the input for the loop (a tick when nothing changed, so the loop
+/// still looks at its timers).
+fn reload(source: &mut ManifestSource, origin: Instant, first: bool, last_errors: &mut Vec<String>) -> Input {
+    let r = source.reload();
+    // Said once per problem, not at every event while an editor saves.
+    if r.errors != *last_errors {
+        for e in &r.errors {
+            eprintln!("switchyard: {e} (keeping the last good version of that file)");
+        }
+        last_errors.clone_from(&r.errors);
+    }
+    if first {
+        for w in &r.warnings {
+            eprintln!("switchyard: warning: {w}");
+        }
+    }
+    let now = origin.elapsed();
+    if r.changed || first {
+        Input::Cluster { now, cluster: Box::new(source.cluster().clone()), changes: r.changes }
+    } else {
+        Input::Tick { now }
+    }
+}
+
+/// Whether a watch event can mean new content. Opening and reading are events too, and the
+/// agent's own reads must not wake it again (that would be a busy loop).
+fn changes_content(ev: &notify::Event) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+fn ns_prefix(ns: &str) -> Vec<String> {
+    vec!["ip".into(), "netns".into(), "exec".into(), ns.into()]
+}
+
+async fn metrics_handler(Extract(s): Extract<Arc<Shared>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode())
+}
+
+async fn healthz_handler(Extract(s): Extract<Arc<Shared>>) -> impl IntoResponse {
+    let reply = s.health.lock().map(|h| h.reply()).ok();
+    let (code, body) = match reply {
+        Some(r) => {
+            let code = if r.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (code, serde_json::to_string(&r).unwrap_or_default())
+        }
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_string()),
+    };
+    (code, [(header::CONTENT_TYPE, "application/json"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], body)
+}
+
+/// An agent running on a thread of its own (for tests and callers without a runtime).
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), AgentError>>>,
+}
+
+/// Starts the agent serving on `listen` (port 0 picks a free port; see [`Running::addr`]).
+pub fn spawn(cfg: AgentConfig, listen: SocketAddr) -> Result<Running, AgentError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(listen)).map_err(AgentError::Serve)?;
+    let addr = listener.local_addr().map_err(AgentError::Serve)?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        runtime.block_on(run(cfg, listener, async move {
+            let _ = stopped.await;
+        }))
+    });
+    Ok(Running { addr, stop: Some(stop), thread: Some(thread) })
+}
+
+impl Running {
+    /// Stops the agent (rules stay) and waits for it.
+    pub fn stop(mut self) -> Result<(), AgentError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), AgentError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| AgentError::Panicked)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (what `switchyard agent` stops on).
+pub async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nftables kernel adds the deletion of a stale family to full syncs only.
+    #[test]
+    fn nft_kernel_full_and_partial() {
+        let mut k = NftKernel(nftables::Recording { owned: vec!["ip6".into()], ..Default::default() });
+        k.apply(SyncKind::Full, "table ip switchyard {\n}\n").expect("applies");
+        k.apply(SyncKind::Partial, "add element ip switchyard x { 1 }\n").expect("applies");
+        assert!(k.0.applied[0].ends_with("table ip6 switchyard\ndelete table ip6 switchyard\n"));
+        assert_eq!(k.0.applied[1], "add element ip switchyard x { 1 }\n");
+        k.0.fail = true;
+        assert!(k.apply(SyncKind::Partial, "x").is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! The manifests-folder source: a folder of Kubernetes objects (the same input as `--cluster`)
+//! read again whenever it changes, so a node can be driven without an API server.
+//!
+//! Files are listed by [`crate::load::files`] and parsed by the engine's parser, file by file, so
+//! that a file caught half-written by an editor (or simply wrong) keeps the objects it last held
+//! and the error is reported: the cluster never holds half a file. [`diff`] says which services
+//! changed between two clusters, which is what partial syncs need.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use switchyard_engine::cluster::Cluster;
+use switchyard_engine::input::{self, Object};
+
+use crate::load;
+use crate::sync::Changes;
+
+/// What one reload found.
+#[derive(Debug, Clone, Default)]
+pub struct Reload {
+    /// Whether the cluster differs from the previous reload.
+    pub changed: bool,
+    pub changes: Changes,
+    /// One line per problem (file, document, object, field). A file with a problem keeps the
+    /// objects of its last good version.
+    pub errors: Vec<String>,
+    /// The loader's advice (skipped kinds, ignored objects).
+    pub warnings: Vec<String>,
+}
+
+/// A folder's last good state, file by file.
+#[derive(Debug)]
+pub struct ManifestSource {
+    root: PathBuf,
+    /// The objects of each file's last good version.
+    files: BTreeMap<PathBuf, Vec<Object>>,
+    cluster: Cluster,
+}
+
+impl ManifestSource {
+    /// A source for `root` that has read nothing yet (its cluster is empty).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ManifestSource { root: root.into(), files: BTreeMap::new(), cluster: Cluster::default() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cluster as of the last reload.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Reads the folder again.
+    pub fn reload(&mut self) -> Reload {
+        let mut problems = Vec::new();
+        let listed = load::files(std::slice::from_ref(&self.root), &mut problems);
+        let mut out = Reload::default();
+        for p in problems {
+            // An empty folder is an empty cluster here (the agent waits for manifests).
+            if !matches!(p, load::LoadProblem::Empty(_)) {
+                out.errors.push(p.to_string());
+            }
+        }
+        let mut files = BTreeMap::new();
+        for path in listed {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.errors.push(format!("{}: cannot read: {e}", path.display()));
+                    self.keep(&path, &mut files);
+                    continue;
+                }
+            };
+            match input::parse(&path.display().to_string(), &text) {
+                Ok(parsed) => {
+                    for (kind, n) in parsed.skipped_kinds {
+                        out.warnings.push(format!("{}: skipped {n} object(s) of kind {kind}", path.display()));
+                    }
+                    out.warnings.extend(parsed.warnings);
+                    files.insert(path, parsed.objects);
+                }
+                Err(found) => {
+                    out.errors.extend(found.iter().map(ToString::to_string));
+                    self.keep(&path, &mut files);
+                }
+            }
+        }
+        self.files = files;
+        // Files in sorted order, as `load` applies them: a later object with the same key wins.
+        let cluster = Cluster::from_objects(self.files.values().flatten().cloned());
+        out.changes = diff(&self.cluster, &cluster);
+        out.changed = cluster != self.cluster;
+        self.cluster = cluster;
+        out
+    }
+
+    /// Carries a file's last good objects over (nothing, if it never parsed).
+    fn keep(&self, path: &Path, files: &mut BTreeMap<PathBuf, Vec<Object>>) {
+        if let Some(objects) = self.files.get(path) {
+            files.insert(path.to_path_buf(), objects.clone());
+        }
+    }
+}
+
+/// Which services differ between two clusters: by their Service object, by their endpoints, or
+/// all of them when something every service depends on changed (Nodes: local endpoints,
+/// topology zones and node addresses; the proxy configuration; ServiceCIDRs).
+pub fn diff(old: &Cluster, new: &Cluster) -> Changes {
+    let mut c = Changes {
+        all: old.nodes != new.nodes || old.service_cidrs != new.service_cidrs || old.config != new.config,
+        ..Changes::default()
+    };
+    for k in old.services.keys().chain(new.services.keys()) {
+        if old.services.get(k) != new.services.get(k) {
+            c.services.insert(k.clone());
+        }
+    }
+    let (a, b) = (old.slices_by_service(), new.slices_by_service());
+    for k in a.keys().chain(b.keys()) {
+        if a.get(k) != b.get(k) {
+            c.endpoints.insert(k.clone());
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_engine::model::ObjectKey;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("sy-source-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).expect("temp dir");
+            TempDir(p)
+        }
+        fn write(&self, rel: &str, text: &str) {
+            std::fs::write(self.0.join(rel), text).expect("write");
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.2\n";
+
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {ip}\n  ports:\n  - name: http\n    port: 80\n"
+        )
+    }
+
+    fn slice(service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\nendpoints:\n- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n"
+        )
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new("default", name)
+    }
+
+    /// Editing one endpoint names that service's endpoints, nothing else.
+    #[test]
+    fn endpoint_edit_is_one_service() {
+        let d = TempDir::new("ep");
+        d.write("node.yaml", NODE);
+        d.write("web.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.0.5")));
+        d.write("api.yaml", &service("api", "10.96.0.11"));
+        let mut s = ManifestSource::new(&d.0);
+        let first = s.reload();
+        assert!(first.changed && first.errors.is_empty(), "{:?}", first.errors);
+        assert!(first.changes.all, "the first read brings the node");
+        d.write("web.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.0.6")));
+        let r = s.reload();
+        assert!(r.changed);
+        assert_eq!(r.changes, Changes { endpoints: [key("web")].into(), ..Changes::default() });
+        let again = s.reload();
+        assert!(!again.changed && again.changes.is_empty());
+    }
+
+    /// A half-written file keeps its last good objects and is reported; other files still count.
+    #[test]
+    fn invalid_file_keeps_last_good_state() {
+        let d = TempDir::new("bad");
+        d.write("node.yaml", NODE);
+        d.write("web.yaml", &service("web", "10.96.0.10"));
+        let mut s = ManifestSource::new(&d.0);
+        s.reload();
+        d.write("web.yaml", "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namesp");
+        d.write("api.yaml", &service("api", "10.96.0.11"));
+        let r = s.reload();
+        assert!(!r.errors.is_empty());
+        assert!(r.errors[0].contains("web.yaml"), "{:?}", r.errors);
+        assert!(s.cluster().services.contains_key(&key("web")), "web kept");
+        assert_eq!(r.changes, Changes { services: [key("api")].into(), ..Changes::default() });
+        // Deleting the file removes its objects.
+        std::fs::remove_file(d.0.join("web.yaml")).expect("rm");
+        let r = s.reload();
+        assert!(r.errors.is_empty());
+        assert_eq!(r.changes.services, [key("web")].into());
+        assert!(!s.cluster().services.contains_key(&key("web")));
+    }
+
+    /// Services removed and added both count; a Node change touches everything.
+    #[test]
+    fn diff_of_clusters() {
+        let a = switchyard_engine::demo::cluster();
+        let mut b = a.clone();
+        let first = b.services.keys().next().cloned().expect("a service");
+        b.services.remove(&first);
+        let c = diff(&a, &b);
+        assert!(c.services.contains(&first) && !c.all);
+        b.nodes.clear();
+        assert!(diff(&a, &b).all);
+        assert!(diff(&a, &a).is_empty());
+    }
+}
