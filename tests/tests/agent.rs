@@ -5,10 +5,11 @@
 //! kernel, a half-written file changes nothing, the table deleted by hand comes back at the
 //! periodic resync, a foreign table is never touched, `/metrics` and `/healthz` answer, and
 //! stopping the agent leaves the rules in place. iptables: two runs over the same namespace leave
-//! one copy of each builtin jump, and a foreign rule in a builtin chain survives both.
+//! one copy of each builtin jump, and a foreign rule in a builtin chain survives both. Health:
+//! syncs that keep failing turn `/healthz` to 503 (this one needs no root).
 //!
-//! Skipped, with the reason printed, when not root or when the tools are missing. HTTP goes to
-//! 127.0.0.1 only.
+//! The kernel tests are skipped, with the reason printed, when not root or when the tools are
+//! missing. HTTP goes to 127.0.0.1 only.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -193,4 +194,29 @@ fn iptables_agent_restarts_without_duplicating_jumps() {
     assert_eq!(jumps, 1, "{s}");
     assert!(s.contains("-A POSTROUTING -s 10.9.9.0/24 -j MASQUERADE"), "the foreign rule is gone:\n{s}");
     assert!(!s.contains("STALESTALESTA"), "the stale chain is still there:\n{s}");
+}
+
+/// Syncs that keep failing turn `/healthz` to 503 with the error, and count as failures. (The
+/// kernel tools are pointed at a namespace that does not exist, so this needs no root.)
+#[test]
+fn failing_syncs_make_the_agent_unhealthy() {
+    let folder = Folder::new("unhealthy");
+    folder.write("node.yaml", NODE);
+    folder.write("config.yaml", CONFIG);
+    folder.write("web.yaml", &web("10.244.0.5"));
+    let cfg = AgentConfig {
+        node: "n1".into(),
+        manifests: folder.path().to_path_buf(),
+        backend: BackendChoice::Nftables,
+        netns: Some(format!("sy-t-absent-{}", std::process::id())),
+        backoff: Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
+    };
+    let running = agent::spawn(cfg, localhost()).expect("starts");
+    wait_for("/healthz to turn 503", Duration::from_secs(10), || get(running.addr, "/healthz").0 == 503);
+    let (_, body) = get(running.addr, "/healthz");
+    assert!(body.contains("\"healthy\":false") && body.contains("lastError"), "{body}");
+    let (_, metrics) = get(running.addr, "/metrics");
+    let failures = metric(&metrics, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total").unwrap_or(0.0);
+    assert!(failures >= 3.0, "{metrics}");
+    running.stop().expect("stops");
 }
