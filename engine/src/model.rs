@@ -53,12 +53,7 @@ impl Protocol {
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "sctp" => Some(Protocol::Sctp),
-            _ => None,
-        }
+        Protocol::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s))
     }
     pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 }

@@ -585,6 +585,28 @@ enum Rhs {
     Values(Vec<Vec<Atom>>),
 }
 
+/// The parts of a concatenated key (`a . b . c`), split without building a string searcher:
+/// the tracer splits keys on every lookup in an interval set.
+struct KeyParts<'k>(Option<&'k str>);
+
+impl<'k> Iterator for KeyParts<'k> {
+    type Item = &'k str;
+    fn next(&mut self) -> Option<&'k str> {
+        let rest = self.0?;
+        let b = rest.as_bytes();
+        let mut i = 0;
+        while i + 2 < b.len() {
+            if b[i] == b' ' && b[i + 1] == b'.' && b[i + 2] == b' ' {
+                self.0 = Some(&rest[i + 3..]);
+                return Some(&rest[..i]);
+            }
+            i += 1;
+        }
+        self.0 = None;
+        Some(rest)
+    }
+}
+
 /// One part of a set element or a literal, parsed once when the program is loaded.
 #[derive(Debug, Clone, PartialEq)]
 enum Atom {
@@ -628,7 +650,7 @@ impl Atom {
     }
 
     fn all_match(atoms: &[Atom], key: &str) -> bool {
-        let mut parts = key.split(" . ");
+        let mut parts = KeyParts(Some(key));
         atoms.iter().all(|a| parts.next().is_some_and(|v| a.matches(v))) && parts.next().is_none()
     }
 }
@@ -1106,11 +1128,11 @@ impl Program {
 
 /// How a rule (or chain) ended for one branch.
 #[derive(Debug, Clone, PartialEq)]
-enum Flow {
+enum Flow<'a> {
     Next,
     NoMatch,
-    Jump(String),
-    Goto(String),
+    Jump(&'a str),
+    Goto(&'a str),
     Return,
     Final(HookVerdict),
 }
@@ -1120,14 +1142,15 @@ impl SetP {
         self.exact.is_empty() && self.ranges.is_empty()
     }
 
-    fn lookup(&self, key: &str) -> Option<(Option<String>, Option<String>)> {
-        if let Some(e) = self.exact.get(key) {
-            return Some(e.clone());
+    /// The element for `key`: its value and comment, borrowed.
+    fn lookup(&self, key: &str) -> Option<(Option<&str>, Option<&str>)> {
+        if let Some((v, c)) = self.exact.get(key) {
+            return Some((v.as_deref(), c.as_deref()));
         }
         if self.ranges.is_empty() {
             return None;
         }
-        self.ranges.iter().find(|(k, ..)| Atom::all_match(k, key)).map(|(_, v, c)| (v.clone(), c.clone()))
+        self.ranges.iter().find(|(k, ..)| Atom::all_match(k, key)).map(|(_, v, c)| (v.as_deref(), c.as_deref()))
     }
 }
 
@@ -1175,17 +1198,20 @@ fn key_values(fields: &[Field], s: &PacketState) -> Option<Vec<(String, f64)>> {
     Some(keys)
 }
 
-impl Exec<'_> {
-    fn lookup(&self, map: &MapRef, key: &str) -> Option<(String, Option<String>, String)> {
+/// A branch's state, boxed: states move through every rule and chain, and a pointer moves
+/// cheaper than 150 bytes.
+type St = Box<PacketState>;
+
+impl<'a> Exec<'a> {
+    /// The value and comment a map holds for `key`, and the map's name for hops.
+    fn lookup(&self, map: &'a MapRef, key: &str) -> Option<(&'a str, Option<&'a str>, &'a str)> {
         match map {
             MapRef::Named(name) => {
                 let set = self.table.sets.get(name)?;
                 let (v, c) = set.lookup(key)?;
-                Some((v.unwrap_or_default(), c, format!("@{name}")))
+                Some((v.unwrap_or(""), c, name.as_str()))
             }
-            MapRef::Inline(items) => {
-                items.iter().find(|(k, _)| k == key).map(|(_, v)| (v.clone(), None, "map".to_string()))
-            }
+            MapRef::Inline(items) => items.iter().find(|(k, _)| k == key).map(|(_, v)| (v.as_str(), None, "anonymous")),
         }
     }
 
@@ -1205,7 +1231,7 @@ impl Exec<'_> {
 
     /// Runs one rule from expression `start`: every expression in order; a non-match stops it.
     /// One state goes through without allocating until an expression forks it.
-    fn rule(&self, chain: &str, rule: &Rule, start: usize, mut s: PacketState, out: &mut Vec<(PacketState, Flow)>) {
+    fn rule(&self, chain: &str, rule: &'a Rule, start: usize, mut s: St, out: &mut Vec<(St, Flow<'a>)>) {
         for (idx, e) in rule.exprs.iter().enumerate().skip(start) {
             match self.expr(chain, rule, e, &mut s) {
                 ExprResult::Match => {}
@@ -1225,7 +1251,7 @@ impl Exec<'_> {
         out.push((s, Flow::Next));
     }
 
-    fn expr(&self, chain: &str, rule: &Rule, e: &Expr, s: &mut PacketState) -> ExprResult {
+    fn expr(&self, chain: &str, rule: &'a Rule, e: &'a Expr, s: &mut PacketState) -> ExprResult<'a> {
         use ExprResult::*;
         match e {
             Expr::Cmp { fields, neg, rhs } => {
@@ -1282,8 +1308,8 @@ impl Exec<'_> {
                 Ends(Flow::Final(HookVerdict::Continue))
             }
             Expr::Verdict(v, target) => match (v.as_str(), target) {
-                ("jump", Some(t)) => Ends(Flow::Jump(t.clone())),
-                ("goto", Some(t)) => Ends(Flow::Goto(t.clone())),
+                ("jump", Some(t)) => Ends(Flow::Jump(t.as_str())),
+                ("goto", Some(t)) => Ends(Flow::Goto(t.as_str())),
                 ("return", _) => Ends(Flow::Return),
                 ("accept", _) => {
                     s.accepted = true;
@@ -1311,18 +1337,21 @@ impl Exec<'_> {
                 let keep = if keys.len() > 1 { s.pick(&keys.iter().map(|k| k.1).collect::<Vec<_>>()) } else { None };
                 let mut out = Vec::new();
                 for (i, (key, w)) in keys.into_iter().enumerate() {
-                    let mut b = s.clone();
+                    let mut b = Box::new(s.clone());
                     b.probability *= w;
                     b.record &= keep.is_none_or(|k| k == i);
                     match self.lookup(map, &key) {
                         None => out.push((b, Some(Flow::NoMatch))),
                         Some((verdict, comment, name)) => {
-                            let flow = verdict_flow(&verdict);
+                            let flow = verdict_flow(verdict);
                             if let Some(Flow::Final(HookVerdict::Drop)) | Some(Flow::Final(HookVerdict::Reject)) = &flow
                             {
                                 // reported by the hop below
                             }
-                            self.hop(&mut b, chain, rule, format!("{name}: {key} → {verdict}"), comment);
+                            if b.record {
+                                let comment = comment.map(str::to_string);
+                                self.hop(&mut b, chain, rule, format!("@{name}: {key} → {verdict}"), comment);
+                            }
                             if matches!(flow, Some(Flow::Final(HookVerdict::Accept))) {
                                 b.accepted = true;
                             }
@@ -1334,30 +1363,38 @@ impl Exec<'_> {
             }
             Expr::Dnat { fields, map, fixed } => {
                 let mut out = Vec::new();
-                let targets: Vec<(String, f64, Option<String>, String)> = if let Some(f) = fixed {
-                    vec![(f.clone(), 1.0, None, String::new())]
+                // (target, weight, comment, the map and key that chose it)
+                type Target<'m> = (&'m str, f64, Option<&'m str>, Option<(&'m str, String)>);
+                let targets: Vec<Target> = if let Some(f) = fixed {
+                    vec![(f.as_str(), 1.0, None, None)]
                 } else {
                     let Some(keys) = key_values(fields, s) else { return NoMatch };
                     let Some(map) = map else { return NoMatch };
                     keys.into_iter()
                         .map(|(k, w)| match self.lookup(map, &k) {
-                            Some((v, c, name)) => (v, w, c, format!("{name}: {k} → ")),
-                            None => (String::new(), w, None, String::new()),
+                            Some((v, c, name)) => (v, w, c, Some((name, k))),
+                            None => ("", w, None, None),
                         })
                         .collect()
                 };
                 let keep =
                     if targets.len() > 1 { s.pick(&targets.iter().map(|t| t.1).collect::<Vec<_>>()) } else { None };
                 for (i, (target, w, comment, via)) in targets.into_iter().enumerate() {
-                    let mut b = s.clone();
+                    let mut b = Box::new(s.clone());
                     b.probability *= w;
                     b.record &= keep.is_none_or(|k| k == i);
-                    match parse_target(&target, s.packet.dst_port) {
+                    match parse_target(target, s.packet.dst_port) {
                         Some(ep) => {
                             b.packet.dst = ep.ip;
                             b.packet.dst_port = ep.port;
                             b.dnat = Some(ep);
-                            self.hop(&mut b, chain, rule, format!("{via}dnat to {ep}"), comment);
+                            if b.record {
+                                let action = match via {
+                                    Some((name, k)) => format!("@{name}: {k} → dnat to {ep}"),
+                                    None => format!("dnat to {ep}"),
+                                };
+                                self.hop(&mut b, chain, rule, action, comment.map(str::to_string));
+                            }
                             out.push((b, Some(Flow::Final(HookVerdict::Continue))));
                         }
                         // A lookup miss: the statement does nothing and the rule ends.
@@ -1372,7 +1409,7 @@ impl Exec<'_> {
     }
 
     /// Runs chain `name` over one state; every way it can end is pushed to `out`.
-    fn chain(&self, name: &str, s: PacketState, depth: usize, out: &mut Vec<(PacketState, Flow)>) {
+    fn chain(&self, name: &str, s: St, depth: usize, out: &mut Vec<(St, Flow<'a>)>) {
         match self.table.chains.get(name) {
             Some(ch) if depth <= 32 => self.chain_from(name, ch, 0, s, depth, out),
             _ => out.push((s, Flow::Return)),
@@ -1384,13 +1421,13 @@ impl Exec<'_> {
     fn chain_from(
         &self,
         name: &str,
-        ch: &ChainP,
+        ch: &'a ChainP,
         mut i: usize,
-        mut s: PacketState,
+        mut s: St,
         depth: usize,
-        out: &mut Vec<(PacketState, Flow)>,
+        out: &mut Vec<(St, Flow<'a>)>,
     ) {
-        let mut results: Vec<(PacketState, Flow)> = Vec::new();
+        let mut results: Vec<(St, Flow<'a>)> = Vec::new();
         loop {
             let Some(rule) = ch.rules.get(i) else { return out.push((s, Flow::Return)) };
             self.rule(name, rule, 0, s, &mut results);
@@ -1414,13 +1451,13 @@ impl Exec<'_> {
     fn follow(
         &self,
         name: &str,
-        ch: &ChainP,
-        rule: &Rule,
+        ch: &'a ChainP,
+        rule: &'a Rule,
         i: usize,
-        s: PacketState,
-        flow: Flow,
+        s: St,
+        flow: Flow<'a>,
         depth: usize,
-        out: &mut Vec<(PacketState, Flow)>,
+        out: &mut Vec<(St, Flow<'a>)>,
     ) {
         match flow {
             Flow::Next | Flow::NoMatch => self.chain_from(name, ch, i + 1, s, depth, out),
@@ -1453,19 +1490,19 @@ impl Exec<'_> {
     }
 }
 
-enum ExprResult {
+enum ExprResult<'a> {
     Match,
     NoMatch,
-    Ends(Flow),
+    Ends(Flow<'a>),
     /// Branches: `None` to continue the rule, or how it ended.
-    Fork(Vec<(PacketState, Option<Flow>)>),
+    Fork(Vec<(St, Option<Flow<'a>>)>),
 }
 
-fn verdict_flow(v: &str) -> Option<Flow> {
+fn verdict_flow(v: &str) -> Option<Flow<'_>> {
     let mut w = v.split_whitespace();
     match (w.next(), w.next()) {
-        (Some("goto"), Some(t)) => Some(Flow::Goto(t.to_string())),
-        (Some("jump"), Some(t)) => Some(Flow::Jump(t.to_string())),
+        (Some("goto"), Some(t)) => Some(Flow::Goto(t)),
+        (Some("jump"), Some(t)) => Some(Flow::Jump(t)),
         (Some("accept"), _) => Some(Flow::Final(HookVerdict::Accept)),
         (Some("drop"), _) => Some(Flow::Final(HookVerdict::Drop)),
         (Some("return"), _) => Some(Flow::Return),
@@ -1505,12 +1542,12 @@ impl Netfilter for Program {
             let mut next = Vec::new();
             for s in live {
                 let mut results = Vec::new();
-                exec.chain(name, s, 0, &mut results);
+                exec.chain(name, Box::new(s), 0, &mut results);
                 for (s, flow) in results {
                     match flow {
-                        Flow::Final(HookVerdict::Drop) => ended.push((s, HookVerdict::Drop)),
-                        Flow::Final(HookVerdict::Reject) => ended.push((s, HookVerdict::Reject)),
-                        _ => next.push(s),
+                        Flow::Final(HookVerdict::Drop) => ended.push((*s, HookVerdict::Drop)),
+                        Flow::Final(HookVerdict::Reject) => ended.push((*s, HookVerdict::Reject)),
+                        _ => next.push(*s),
                     }
                 }
             }
