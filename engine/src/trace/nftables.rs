@@ -1464,7 +1464,7 @@ impl<'a> Exec<'a> {
             // Jumps are not hops of their own: the rules that act inside name their chain.
             Flow::Jump(t) => {
                 let mut sub = Vec::new();
-                self.chain(&t, s, depth + 1, &mut sub);
+                self.chain(t, s, depth + 1, &mut sub);
                 for (s, f) in sub {
                     match f {
                         Flow::Return | Flow::Next | Flow::NoMatch => self.chain_from(name, ch, i + 1, s, depth, out),
@@ -1478,7 +1478,7 @@ impl<'a> Exec<'a> {
                     self.hop(&mut s, name, rule, format!("goto {t}"), None);
                 }
                 let mut sub = Vec::new();
-                self.chain(&t, s, depth + 1, &mut sub);
+                self.chain(t, s, depth + 1, &mut sub);
                 out.extend(sub.into_iter().map(|(s, f)| match f {
                     Flow::Next | Flow::NoMatch => (s, Flow::Return),
                     other => (s, other),
