@@ -1269,10 +1269,14 @@ impl Run<'_> {
                 i += 1;
                 let Some(p) = self.matches(rule, &s) else { continue };
                 if p < 1.0 {
+                    // Only the branch the seed picks keeps recording hops (one path is drawn).
+                    let keep = s.pick(&[p, 1.0 - p]);
                     let mut miss = s.clone();
                     miss.probability *= 1.0 - p;
+                    miss.record &= keep == Some(1);
                     work.push((miss, i));
                     s.probability *= p;
+                    s.record &= keep == Some(0);
                 }
                 let records =
                     rule.matches.iter().any(|m| matches!(m, Match::Recent { command: RecentCommand::Set, .. }));
@@ -1282,12 +1286,16 @@ impl Run<'_> {
                     Target::Accept => {
                         let ours = proxy_chain(name);
                         s.accepted |= ours;
-                        s.hops.push(self.hop(name, rule, "accept".into(), p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, "accept".into(), p));
+                        }
                         out.push((s, Flow::Accept { ours }));
                         continue 'branch;
                     }
                     Target::Drop => {
-                        s.hops.push(self.hop(name, rule, "drop".into(), p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, "drop".into(), p));
+                        }
                         out.push((s, Flow::Drop));
                         continue 'branch;
                     }
@@ -1296,12 +1304,16 @@ impl Run<'_> {
                             Some(w) => format!("reject ({w})"),
                             None => "reject".into(),
                         };
-                        s.hops.push(self.hop(name, rule, action, p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, action, p));
+                        }
                         out.push((s, Flow::Reject));
                         continue 'branch;
                     }
                     Target::Return => {
-                        s.hops.push(self.hop(name, rule, "return".into(), p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, "return".into(), p));
+                        }
                         out.push((s, Flow::Return));
                         continue 'branch;
                     }
@@ -1314,7 +1326,9 @@ impl Run<'_> {
                         } else {
                             format!("jump to {c}")
                         };
-                        s.hops.push(self.hop(name, rule, action, p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, action, p));
+                        }
                         for (s2, flow) in self.chain(c, s, depth + 1) {
                             match flow {
                                 Flow::Return if !goto => work.push((s2, i)),
@@ -1335,9 +1349,11 @@ impl Run<'_> {
                         }
                         let to = SocketAddr { ip: s.packet.dst, port: s.packet.dst_port };
                         s.dnat = Some(to);
-                        let mut h = self.hop(name, rule, format!("dnat to {to}{affinity}"), p);
-                        h.packet = Some(packet_text(&s.packet));
-                        s.hops.push(h);
+                        if s.record {
+                            let mut h = self.hop(name, rule, format!("dnat to {to}{affinity}"), p);
+                            h.packet = Some(packet_text(&s.packet));
+                            s.hops.push(h);
+                        }
                         out.push((s, Flow::Translated));
                         continue 'branch;
                     }
@@ -1347,7 +1363,9 @@ impl Run<'_> {
                             Target::Snat { to } => format!("snat to {to}"),
                             _ => "masquerade".to_string(),
                         };
-                        s.hops.push(self.hop(name, rule, action, p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, action, p));
+                        }
                         out.push((s, Flow::Translated));
                         continue 'branch;
                     }
@@ -1360,7 +1378,9 @@ impl Run<'_> {
                         } else {
                             format!("set mark to {}", hex_mark(s.mark))
                         };
-                        s.hops.push(self.hop(name, rule, action, p));
+                        if s.record {
+                            s.hops.push(self.hop(name, rule, action, p));
+                        }
                     }
                 }
             }
