@@ -38,6 +38,32 @@ pub enum Command {
     Ipvs(IpvsCommand),
     /// Keep this node's kernel in step with a manifests folder; serve /metrics and /healthz.
     Agent(AgentArgs),
+    /// A small cluster of network namespaces on this machine, one agent per node (root only).
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the lab, run its agents and pod servers until Ctrl-C, then remove it.
+    Up(LabUpArgs),
+    /// Remove lab namespaces left behind by runs that were killed (`--all`: every lab namespace).
+    Down {
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LabUpArgs {
+    /// Node namespaces (1-9).
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Pod namespaces per node (1-9).
+    #[arg(long, default_value_t = 2)]
+    pub pods: usize,
+    #[arg(long, value_enum, default_value_t = AgentBackendArg::Nftables)]
+    pub backend: AgentBackendArg,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -216,6 +242,8 @@ pub enum Error {
     Output(#[source] io::Error),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Lab(#[from] crate::lab::LabError),
 }
 
 impl Error {
@@ -283,7 +311,73 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
             write_all(out, &listing)
         }
         Command::Agent(a) => agent(a),
+        Command::Lab(LabCommand::Up(a)) => lab_up(a, out),
+        Command::Lab(LabCommand::Down { all }) => {
+            for name in crate::lab::sweep_with(all) {
+                write_all(out, &format!("deleted netns {name}\n"))?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// `switchyard lab up`: builds the lab, says how to look at it, and waits for Ctrl-C.
+fn lab_up(a: LabUpArgs, out: &mut dyn Write) -> Result<(), Error> {
+    use crate::agent::{AgentError, BackendChoice};
+    use crate::lab::{Lab, LabSpec};
+    let backend = match a.backend {
+        AgentBackendArg::Nftables => BackendChoice::Nftables,
+        AgentBackendArg::Iptables => BackendChoice::Iptables,
+        AgentBackendArg::None => BackendChoice::None,
+        AgentBackendArg::Ipvs => return Err(Error::Unavailable("the agent's ipvs backend")),
+    };
+    if let Some(why) = crate::lab::skip_reason(backend) {
+        return Err(Error::Lab(crate::lab::LabError::Command { command: "lab up".into(), message: why }));
+    }
+    // Signals are registered before any agent runtime exists, so this thread's runtime sees them.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    let signals = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok::<_, io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    });
+    let (mut term, mut int) = signals.map_err(AgentError::Runtime)?;
+    let spec = LabSpec { tag: "up".into(), nodes: a.nodes, pods_per_node: a.pods, backend };
+    let mut lab = Lab::build(&spec)?;
+    let services = crate::lab::demo_services(&lab);
+    let yaml: String = services.iter().map(|s| s.yaml(&lab)).collect();
+    lab.write("10-services.yaml", &yaml)?;
+    lab.start_agents()?;
+    let mut s = format!("manifests (edit them; the agents follow): {}\n", lab.manifests.display());
+    for n in &lab.nodes {
+        s.push_str(&format!("node {} netns {} ip {} pods {}\n", n.name, n.netns, n.ip, n.pod_cidr));
+    }
+    for p in &lab.pods {
+        s.push_str(&format!(
+            "pod  {} netns {} ip {} (answers \"<pod> <source>\" on tcp/udp {})\n",
+            p.name,
+            p.netns,
+            p.ip,
+            crate::lab::TARGET_PORT
+        ));
+    }
+    s.push_str(&format!("client netns {} ip {}; load balancer netns {}\n", lab.client, crate::lab::CLIENT_IP, lab.lb));
+    if let (Some(n), Some(p)) = (lab.nodes.first(), lab.pods.first()) {
+        s.push_str(&format!("try: ip netns exec {} bash -c 'cat < /dev/tcp/{}/30080'\n", lab.client, n.ip));
+        s.push_str(&format!("     ip netns exec {} bash -c 'cat < /dev/tcp/10.96.0.10/80'\n", p.netns));
+        s.push_str(&format!("     ip netns exec {} bash -c 'cat < /dev/tcp/203.0.113.10/80'\n", lab.client));
+        s.push_str(&format!("     ip netns exec {} nft list ruleset\n", n.netns));
+    }
+    s.push_str("Ctrl-C removes the lab.\n");
+    write_all(out, &s)?;
+    out.flush().map_err(Error::Output)?;
+    runtime.block_on(async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+    drop(lab);
+    Ok(())
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

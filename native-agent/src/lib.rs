@@ -5,11 +5,13 @@
 //! - [`apply`] holds the kernel appliers (one trait per backend, a real one and a recording fake);
 //! - [`cli`] defines the `switchyard` command line (clap) and runs `render`, `trace` and `agent`;
 //! - [`source`] watches a manifests folder; [`sync`] is the sync loop's pure state machine;
-//!   [`agent`] runs them with the appliers under tokio and serves [`metrics`] and health.
+//!   [`agent`] runs them with the appliers under tokio and serves [`metrics`] and health;
+//! - [`lab`] builds a small cluster of network namespaces on one machine, one agent per node.
 
 pub mod agent;
 pub mod apply;
 pub mod cli;
+pub mod lab;
 pub mod load;
 pub mod metrics;
 pub mod source;

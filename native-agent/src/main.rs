@@ -11,7 +11,8 @@ fn main() -> ExitCode {
     // clap prints usage errors itself and exits 2, as the contract asks for bad arguments.
     let args = Cli::parse();
     let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut err = io::stderr().lock();
+    // Not locked: the agent and the lab print from threads of their own.
+    let mut err = io::stderr();
     let result = cli::run(args, &mut out, &mut err).and_then(|()| out.flush().map_err(cli::Error::Output));
     match result {
         Ok(()) => ExitCode::SUCCESS,
