@@ -346,6 +346,7 @@ fn lab_up(a: LabUpArgs, out: &mut dyn Write) -> Result<(), Error> {
     let services = crate::lab::demo_services(&lab);
     let yaml: String = services.iter().map(|s| s.yaml(&lab)).collect();
     lab.write("10-services.yaml", &yaml)?;
+    lab.lb_forward(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, 100), 80), 30080)?;
     lab.start_agents()?;
     let mut s = format!("manifests (edit them; the agents follow): {}\n", lab.manifests.display());
     for n in &lab.nodes {
@@ -365,6 +366,10 @@ fn lab_up(a: LabUpArgs, out: &mut dyn Write) -> Result<(), Error> {
         s.push_str(&format!("try: ip netns exec {} bash -c 'cat < /dev/tcp/{}/30080'\n", lab.client, n.ip));
         s.push_str(&format!("     ip netns exec {} bash -c 'cat < /dev/tcp/10.96.0.10/80'\n", p.netns));
         s.push_str(&format!("     ip netns exec {} bash -c 'cat < /dev/tcp/203.0.113.10/80'\n", lab.client));
+        s.push_str(&format!(
+            "     ip netns exec {} bash -c 'cat < /dev/tcp/203.0.113.100/80'   (LB → every node's NodePort)\n",
+            lab.client
+        ));
         s.push_str(&format!("     ip netns exec {} nft list ruleset\n", n.netns));
     }
     s.push_str("Ctrl-C removes the lab.\n");

@@ -2,7 +2,8 @@
 //! Switchyard agent per node programming that node's kernel from a shared manifests folder.
 //!
 //! ```text
-//!  client ns 198.51.100.2 ──veth── lb ns (router; bridge `ul` 192.168.77.1; 203.0.113.0/24 → node-1)
+//!  client ns 198.51.100.2 ──veth── lb ns (router; bridge `ul` 192.168.77.1; 203.0.113.0/24 → node-1;
+//!                                         `lb_forward`: a VIP DNATed to every node's NodePort)
 //!                                      │ underlay bridge
 //!            ┌─────────────────────────┼─────────────────────────┐
 //!   node-1 ns 192.168.77.11      node-2 ns 192.168.77.12      (node-3 ...)
@@ -341,6 +342,23 @@ impl Lab {
             .map_err(|source| LabError::Agent { node: n.name.clone(), source })
     }
 
+    /// Makes the LB namespace forward TCP to `vip` to the nodes' `node_port`, round robin, as a
+    /// cloud load balancer in front of NodePorts would: DNAT only, so nodes see the client's
+    /// address, and replies come back through the LB (the nodes' default route).
+    pub fn lb_forward(&self, vip: SocketAddrV4, node_port: u16) -> Result<()> {
+        let map: Vec<String> = self.nodes.iter().enumerate().map(|(i, n)| format!("{i} : {}", n.ip)).collect();
+        let nft = |cmd: &str| run("ip", &["netns", "exec", &self.lb, "nft", cmd]).map(drop);
+        nft("add table ip lab")?;
+        nft("add chain ip lab prerouting { type nat hook prerouting priority dstnat ; }")?;
+        nft(&format!(
+            "add rule ip lab prerouting ip daddr {} tcp dport {} dnat to numgen inc mod {} map {{ {} }} : {node_port}",
+            vip.ip(),
+            vip.port(),
+            self.nodes.len(),
+            map.join(", ")
+        ))
+    }
+
     pub fn node(&self, name: &str) -> Option<&LabNode> {
         self.nodes.iter().find(|n| n.name == name)
     }
@@ -567,7 +585,8 @@ pub fn skip_reason(backend: BackendChoice) -> Option<String> {
         return Some("not running as root (network namespaces need CAP_SYS_ADMIN)".into());
     }
     let tools: &[&str] = match backend {
-        BackendChoice::Iptables => &["ip", "iptables", "iptables-restore", "iptables-save", "ip6tables-restore"],
+        // The LB namespace forwards with nft whatever the nodes run.
+        BackendChoice::Iptables => &["ip", "nft", "iptables", "iptables-restore", "iptables-save", "ip6tables-restore"],
         _ => &["ip", "nft"],
     };
     let path = std::env::var_os("PATH").unwrap_or_default();

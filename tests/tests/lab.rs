@@ -7,6 +7,8 @@
 //! the pod reached is in the outcome set, its source was masqueraded exactly when the tracer says
 //! so, a `reject` is a refused connection and a `drop` no answer; with enough connections every
 //! predicted endpoint is reached. Both backends, nftables and iptables. The counts are printed.
+//! LoadBalancer traffic reaches the nodes two ways: the LB namespace routes the Service's
+//! `status.loadBalancer` address to node-1, and DNATs a VIP of its own to every node's NodePort.
 //!
 //! `agent_killed_mid_sync_recovers`: the `switchyard agent` binary, run in node-1's namespace,
 //! is killed with SIGKILL while its first full sync (thousands of services) is being loaded, then
@@ -34,6 +36,8 @@ const CONNECTIONS: usize = 60;
 /// A connection that gets no answer in this long was dropped.
 const DROP_TIMEOUT: Duration = Duration::from_millis(400);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The LB namespace's own address for `web`, forwarded to the nodes' NodePort 30080.
+const LB_VIP: &str = "203.0.113.100:80";
 
 fn svc(name: &str, kind: &'static str, ip: &str, endpoints: &[&str]) -> Svc {
     Svc {
@@ -99,10 +103,13 @@ struct Case {
     proto: Proto,
     /// Session affinity: every connection reaches the same pod.
     sticky: bool,
+    /// Sent to the LB namespace, which forwards to this NodePort of every node (round robin):
+    /// traced on each node, and an answer must be one of their outcomes.
+    lb_node_port: Option<u16>,
 }
 
 fn case(name: &'static str, from: Origin, node: &'static str, to: &str) -> Case {
-    Case { name, from, node, to: to.parse().expect("address"), proto: Proto::Tcp, sticky: false }
+    Case { name, from, node, to: to.parse().expect("address"), proto: Proto::Tcp, sticky: false, lb_node_port: None }
 }
 
 fn cases() -> Vec<Case> {
@@ -118,6 +125,7 @@ fn cases() -> Vec<Case> {
         case("externalTrafficPolicy Local NodePort via node-2", c, "node-2", "192.168.77.12:30081"),
         case("LoadBalancer (Cluster) through the LB", c, "node-1", "203.0.113.10:80"),
         case("LoadBalancer (Local) through the LB", c, "node-1", "203.0.113.13:80"),
+        Case { lb_node_port: Some(30080), ..case("LB namespace to every node's NodePort", c, "node-1", LB_VIP) },
         case("internalTrafficPolicy Local on node-1", n1p2, "node-1", "10.96.0.13:80"),
         case("internalTrafficPolicy Local on node-2", n2p2, "node-2", "10.96.0.13:80"),
         case("hairpin: a pod reaches itself", n1p2, "node-1", "10.96.0.14:80"),
@@ -242,7 +250,15 @@ fn predicted_pods(lab: &Lab, t: &Trace) -> BTreeSet<String> {
 
 fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &mut String) -> Vec<String> {
     let (ns, ip) = source_of(lab, c.from);
-    let t = trace(cluster, backend, c.node, ip, c.to, c.proto);
+    let traces: Vec<Trace> = match c.lb_node_port {
+        None => vec![trace(cluster, backend, c.node, ip, c.to, c.proto)],
+        Some(np) => lab
+            .nodes
+            .iter()
+            .map(|n| trace(cluster, backend, &n.name, ip, SocketAddrV4::new(n.ip, np), c.proto))
+            .collect(),
+    };
+    let t = &traces[0];
     let (count, timeout) = match t.verdict {
         Verdict::Drop => (3, DROP_TIMEOUT),
         Verdict::Reject => (10, ANSWER_TIMEOUT),
@@ -250,8 +266,8 @@ fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &m
     };
     let replies = lab.requests(&ns, c.proto, c.to, count, timeout);
     let mut tally = Tally::default();
-    tally.check(lab, &[&t], ip, &replies);
-    let predicted = predicted_pods(lab, &t);
+    tally.check(lab, &traces.iter().collect::<Vec<_>>(), ip, &replies);
+    let predicted: BTreeSet<String> = traces.iter().flat_map(|t| predicted_pods(lab, t)).collect();
     let reached: BTreeSet<String> = tally.reached.keys().cloned().collect();
     if t.verdict == Verdict::Forward {
         if c.sticky && reached.len() != 1 {
@@ -337,6 +353,7 @@ fn differential(backend: BackendChoice, tag: &str) {
     let mut lab =
         Lab::build(&LabSpec { tag: tag.into(), nodes: 2, pods_per_node: 3, backend }).expect("the lab builds");
     write_services(&lab, &["n1-p0", "n2-p0"]);
+    lab.lb_forward(LB_VIP.parse().expect("address"), 30080).expect("the LB forwards");
     lab.start_agents().expect("agents start");
     lab.wait_programmed(&["10.96.0.10", "10.96.0.21", "10.244.2.11"], &[], Duration::from_secs(30))
         .expect("both nodes programmed");
