@@ -343,7 +343,7 @@ fn lab_up(a: LabUpArgs, out: &mut dyn Write) -> Result<(), Error> {
     let (mut term, mut int) = signals.map_err(AgentError::Runtime)?;
     let spec = LabSpec { tag: "up".into(), nodes: a.nodes, pods_per_node: a.pods, backend };
     let mut lab = Lab::build(&spec)?;
-    let services = crate::lab::demo_services(&lab);
+    let services = crate::lab::demo_services(&lab.pods);
     let yaml: String = services.iter().map(|s| s.yaml(&lab)).collect();
     lab.write("10-services.yaml", &yaml)?;
     lab.lb_forward(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, 100), 80), 30080)?;

@@ -169,23 +169,7 @@ impl Lab {
             servers: Vec::new(),
             agents: Vec::new(),
         };
-        for i in 1..=spec.nodes.clamp(1, 9) as u8 {
-            let node = LabNode {
-                name: format!("node-{i}"),
-                netns: format!("{}n{i}", lab.prefix),
-                ip: Ipv4Addr::new(192, 168, 77, 10 + i),
-                pod_cidr: format!("10.244.{i}.0/24"),
-            };
-            for k in 0..spec.pods_per_node.clamp(1, 9) as u8 {
-                lab.pods.push(Pod {
-                    name: format!("n{i}-p{k}"),
-                    netns: format!("{}n{i}p{k}", lab.prefix),
-                    node: node.name.clone(),
-                    ip: Ipv4Addr::new(10, 244, i, 10 + k),
-                });
-            }
-            lab.nodes.push(node);
-        }
+        (lab.nodes, lab.pods) = layout(&lab.prefix, spec);
         // From here on, a failure drops `lab`, which deletes what was made.
         lab.wire()?;
         for pod in lab.pods.clone() {
@@ -299,19 +283,7 @@ impl Lab {
 
     /// Nodes, the cluster CIDR, quick syncs: the part of the manifests the lab itself owns.
     pub fn cluster_yaml(&self) -> String {
-        let mut s = String::new();
-        for n in &self.nodes {
-            let _ = write!(
-                s,
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\n  podCIDRs: [{}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n---\n",
-                n.name, n.pod_cidr, n.pod_cidr, n.ip
-            );
-        }
-        let _ = write!(
-            s,
-            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16]\n---\napiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: {CLUSTER_CIDR}\ndetectLocalMode: ClusterCIDR\nminSyncPeriod: 50ms\nsyncPeriod: 60s\n"
-        );
-        s
+        cluster_yaml(&self.nodes)
     }
 
     /// Writes a manifest through a hidden file and a rename, so agents see it whole.
@@ -570,6 +542,46 @@ pub fn sweep_with(all: bool) -> Vec<String> {
     gone
 }
 
+/// The nodes and pods of a lab, with their names and addresses (no namespace is made).
+pub fn layout(prefix: &str, spec: &LabSpec) -> (Vec<LabNode>, Vec<Pod>) {
+    let (mut nodes, mut pods) = (Vec::new(), Vec::new());
+    for i in 1..=spec.nodes.clamp(1, 9) as u8 {
+        let node = LabNode {
+            name: format!("node-{i}"),
+            netns: format!("{prefix}n{i}"),
+            ip: Ipv4Addr::new(192, 168, 77, 10 + i),
+            pod_cidr: format!("10.244.{i}.0/24"),
+        };
+        for k in 0..spec.pods_per_node.clamp(1, 9) as u8 {
+            pods.push(Pod {
+                name: format!("n{i}-p{k}"),
+                netns: format!("{prefix}n{i}p{k}"),
+                node: node.name.clone(),
+                ip: Ipv4Addr::new(10, 244, i, 10 + k),
+            });
+        }
+        nodes.push(node);
+    }
+    (nodes, pods)
+}
+
+/// The nodes' and the proxy's documents of a lab's manifests: quick syncs, the cluster CIDR.
+pub fn cluster_yaml(nodes: &[LabNode]) -> String {
+    let mut s = String::new();
+    for n in nodes {
+        let _ = write!(
+            s,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\n  podCIDRs: [{}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n---\n",
+            n.name, n.pod_cidr, n.pod_cidr, n.ip
+        );
+    }
+    let _ = write!(
+        s,
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16]\n---\napiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: {CLUSTER_CIDR}\ndetectLocalMode: ClusterCIDR\nminSyncPeriod: 50ms\nsyncPeriod: 60s\n"
+    );
+    s
+}
+
 /// Deletes what killed runs left behind.
 pub fn sweep() {
     let _ = sweep_with(false);
@@ -623,6 +635,11 @@ pub struct Svc {
 impl Svc {
     /// The Service and its EndpointSlice as YAML documents.
     pub fn yaml(&self, lab: &Lab) -> String {
+        self.yaml_for(&lab.pods)
+    }
+
+    /// [`Svc::yaml`] with the pods given.
+    pub fn yaml_for(&self, pods: &[Pod]) -> String {
         let proto = if self.udp { "UDP" } else { "TCP" };
         let mut s = format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: default\nspec:\n  type: {}\n  clusterIP: {}\n  selector:\n    app: {}\n  ports:\n  - name: p\n    protocol: {proto}\n    port: {}\n    targetPort: {TARGET_PORT}\n",
@@ -656,7 +673,7 @@ impl Svc {
         } else {
             s.push('\n');
         }
-        for p in self.endpoints.iter().filter_map(|e| lab.pod(e)) {
+        for p in self.endpoints.iter().filter_map(|e| pods.iter().find(|p| p.name == *e)) {
             let _ = write!(
                 s,
                 "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    namespace: default\n    name: {}\n",
@@ -670,8 +687,8 @@ impl Svc {
 
 /// The Services `switchyard lab up` shows: a NodePort with endpoints on every node and a
 /// LoadBalancer reachable from the client namespace through the LB namespace.
-pub fn demo_services(lab: &Lab) -> Vec<Svc> {
-    let all: Vec<String> = lab.pods.iter().map(|p| p.name.clone()).collect();
+pub fn demo_services(pods: &[Pod]) -> Vec<Svc> {
+    let all: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
     vec![
         Svc {
             name: "web".into(),
@@ -693,4 +710,45 @@ pub fn demo_services(lab: &Lab) -> Vec<Svc> {
             ..Svc::default()
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_engine::trace::{SocketAddr as EngineAddr, Verdict};
+    use switchyard_engine::{Destination, TraceRequest};
+
+    /// The lab's own manifests load, and the tracer sees the demo Services as the lab wires them:
+    /// the ClusterIP spreads over every pod, the NodePort from the client is masqueraded.
+    #[test]
+    fn demo_manifests_load_and_trace() {
+        let spec = LabSpec { tag: "unit".into(), nodes: 2, pods_per_node: 2, backend: BackendChoice::None };
+        let (nodes, pods) = layout("sy-lab-0-unit-", &spec);
+        assert_eq!((nodes.len(), pods.len()), (2, 4));
+        assert_eq!(pods[2].ip, Ipv4Addr::new(10, 244, 2, 10));
+        let dir = std::env::temp_dir().join(format!("sy-unit-lab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let yaml: String = demo_services(&pods).iter().map(|s| s.yaml_for(&pods)).collect();
+        std::fs::write(dir.join("a.yaml"), cluster_yaml(&nodes) + "---\n" + &yaml).expect("write");
+        let loaded = crate::load::load(std::slice::from_ref(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cluster = loaded.expect("loads").cluster;
+        let trace = |from: Ipv4Addr, ip: Ipv4Addr, port: u16| {
+            let req = TraceRequest {
+                node: "node-1".into(),
+                backend: switchyard_engine::policy::Backend::Nftables,
+                program: None,
+                from: IpAddr::V4(from),
+                to: Destination::Addr(EngineAddr { ip: IpAddr::V4(ip), port }),
+                protocol: switchyard_engine::model::Protocol::Tcp,
+                seed: 0,
+            };
+            switchyard_engine::trace(&cluster, &req).expect("traces")
+        };
+        let t = trace(pods[0].ip, Ipv4Addr::new(10, 96, 0, 10), 80);
+        assert_eq!((t.verdict, t.outcomes.len()), (Verdict::Forward, 4));
+        let t = trace(CLIENT_IP, nodes[0].ip, 30080);
+        assert_eq!(t.verdict, Verdict::Forward);
+        assert!(t.outcomes.iter().all(|o| o.masquerade && o.endpoint.port == TARGET_PORT), "{t:?}");
+    }
 }

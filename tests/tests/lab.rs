@@ -571,3 +571,39 @@ fn agent_killed_mid_sync_recovers_nftables() {
 fn agent_killed_mid_sync_recovers_iptables() {
     killed_mid_sync(BackendChoice::Iptables, "ki");
 }
+
+/// Every namespace of a lab is gone after a panic while it was up, and [`lab::sweep`] removes the
+/// namespaces of a run whose process is gone.
+#[test]
+fn lab_is_removed_on_panic_and_stale_labs_are_swept() {
+    if skip(BackendChoice::Nftables) {
+        return;
+    }
+    let prefix = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = prefix.clone();
+    let r = std::thread::spawn(move || {
+        let lab =
+            Lab::build(&LabSpec { tag: "panic".into(), nodes: 2, pods_per_node: 1, backend: BackendChoice::Nftables })
+                .expect("the lab builds");
+        if let Ok(mut p) = seen.lock() {
+            p.clone_from(&lab.prefix);
+        }
+        panic!("a failing test, with the lab up");
+    })
+    .join();
+    assert!(r.is_err(), "the thread panicked");
+    let prefix = prefix.lock().expect("prefix").clone();
+    assert!(!prefix.is_empty());
+    let list = lab::run("ip", &["netns", "list"]).expect("lists");
+    assert!(!list.contains(&prefix), "left behind after a panic:\n{list}");
+
+    // A run killed before its guards ran: pid 999999999 cannot exist (above pid_max).
+    let stale = format!("{}999999999-x-n1", lab::PREFIX);
+    lab::run("ip", &["netns", "add", &stale]).expect("adds");
+    lab::sweep();
+    let list = lab::run("ip", &["netns", "list"]).expect("lists");
+    if list.contains(&stale) {
+        let _ = lab::run("ip", &["netns", "delete", &stale]);
+        panic!("the sweep left {stale}");
+    }
+}
