@@ -78,6 +78,7 @@ fn services(change: &[&str]) -> Vec<Svc> {
             ..svc("denied", "LoadBalancer", "10.96.0.19", &["n1-p0"])
         },
         svc("change", "ClusterIP", "10.96.0.20", change),
+        Svc { node_port: Some(30092), etp_local: true, ..svc("localone", "NodePort", "10.96.0.22", &["n1-p0"]) },
         Svc {
             node_port: Some(30091),
             lb_ip: Some("203.0.113.13".into()),
@@ -123,6 +124,8 @@ fn cases() -> Vec<Case> {
         case("NodePort from a pod, other node", n1p2, "node-2", "192.168.77.12:30080"),
         case("externalTrafficPolicy Local NodePort via node-1", c, "node-1", "192.168.77.11:30081"),
         case("externalTrafficPolicy Local NodePort via node-2", c, "node-2", "192.168.77.12:30081"),
+        case("externalTrafficPolicy Local, no local endpoint: dropped", c, "node-2", "192.168.77.12:30092"),
+        case("externalTrafficPolicy Local, pod on that node: short-circuit", n2p2, "node-2", "192.168.77.12:30092"),
         case("LoadBalancer (Cluster) through the LB", c, "node-1", "203.0.113.10:80"),
         case("LoadBalancer (Local) through the LB", c, "node-1", "203.0.113.13:80"),
         Case { lb_node_port: Some(30080), ..case("LB namespace to every node's NodePort", c, "node-1", LB_VIP) },
@@ -279,7 +282,7 @@ fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &m
     }
     let _ = writeln!(
         report,
-        "  {:<48} {:>8} {:>4} conns  reached {}/{} endpoints {:?}  masq {}  refused {}  no answer {}",
+        "  {:<62} {:>8} {:>4} conns  reached {}/{} endpoints {:?}  masq {}  refused {}  no answer {}",
         c.name,
         t.verdict.as_str(),
         tally.connections,
@@ -334,7 +337,7 @@ fn endpoint_change(lab: &Lab, backend: Backend, report: &mut String) -> Vec<Stri
     }
     let _ = writeln!(
         report,
-        "  {:<48} {:>8} {:>4} conns during the change, reached {:?}; {} after, reached {:?}",
+        "  {:<62} {:>8} {:>4} conns during the change, reached {:?}; {} after, reached {:?}",
         "endpoint change while traffic flows",
         after.verdict.as_str(),
         tally.connections,
@@ -486,7 +489,9 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
 
     let log = lab.manifests.with_extension("log");
     let mut kills = Vec::new();
-    for attempt in 0..2u64 {
+    // Twice while the load runs (at once, and 20 ms in), once right after it finished (iptables:
+    // while the builtin jumps are being ensured, one `iptables` call at a time).
+    for attempt in 0..3u64 {
         let agent = start_agent(&bin, &lab, backend, &log);
         let pid = agent.0.id();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -499,19 +504,32 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
             assert!(Instant::now() < deadline, "the agent never started a sync");
             std::thread::sleep(Duration::from_millis(1));
         };
-        std::thread::sleep(Duration::from_millis(attempt * 20));
+        let alive = |p: u32| std::path::Path::new("/proc").join(p.to_string()).exists();
+        let when = if attempt < 2 {
+            std::thread::sleep(Duration::from_millis(attempt * 20));
+            format!("during `{}` (+{} ms)", tool.1, attempt * 20)
+        } else {
+            while alive(tool.0) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            format!("right after `{}` finished", tool.1)
+        };
         drop(agent); // SIGKILL, and reaped
         // The kernel tool may still be reading what the agent had written: let it finish.
-        while std::path::Path::new("/proc").join(tool.0.to_string()).exists() {
+        while alive(tool.0) {
             std::thread::sleep(Duration::from_millis(5));
         }
         let l = lab.listing(&node);
+        let jump = l.lines().any(|j| j.starts_with("-A PREROUTING") && j.ends_with("-j SWITCHYARD-SERVICES"));
         kills.push(format!(
-            "killed during `{}` (+{} ms): kernel then held {} lines, last bulk service {}",
-            tool.1,
-            attempt * 20,
+            "killed {when}: kernel then held {} lines, last bulk service {}{}",
             l.lines().count(),
-            if l.contains(last_bulk) { "present" } else { "absent" }
+            if l.contains(last_bulk) { "present" } else { "absent" },
+            match (backend, jump) {
+                (BackendChoice::Iptables, true) => ", PREROUTING jump present",
+                (BackendChoice::Iptables, false) => ", PREROUTING jump absent",
+                _ => "",
+            }
         ));
     }
 
