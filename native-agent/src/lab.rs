@@ -353,6 +353,15 @@ impl Lab {
         r.unwrap_or_default()
     }
 
+    /// The node's program as the kernel lists it, in a form `trace --program` reads
+    /// (`nft list table ip switchyard`, or the whole of `iptables-save`).
+    pub fn kernel_program(&self, node: &LabNode) -> Result<String> {
+        match self.backend {
+            BackendChoice::Iptables => run("ip", &["netns", "exec", &node.netns, "iptables-save"]),
+            _ => run("ip", &["netns", "exec", &node.netns, "nft", "list", "table", "ip", "switchyard"]),
+        }
+    }
+
     /// Waits until every node's kernel holds each of `present` and none of `absent` (strings of
     /// its listing, such as an endpoint's `10.244.1.10:8080` or a ClusterIP).
     pub fn wait_programmed(&self, present: &[&str], absent: &[&str], timeout: Duration) -> Result<()> {

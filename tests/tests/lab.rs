@@ -177,16 +177,35 @@ fn source_of(lab: &Lab, from: Origin) -> (String, Ipv4Addr) {
 }
 
 fn trace(cluster: &Cluster, backend: Backend, node: &str, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -> Trace {
+    trace_program(cluster, backend, node, None, from, to, proto).expect("traces")
+}
+
+/// Traces `program` (as the kernel lists it), or the render when `None`.
+fn trace_program(
+    cluster: &Cluster,
+    backend: Backend,
+    node: &str,
+    program: Option<String>,
+    from: Ipv4Addr,
+    to: SocketAddrV4,
+    proto: Proto,
+) -> Result<Trace, switchyard_engine::Error> {
     let req = TraceRequest {
         node: node.into(),
         backend,
-        program: None,
+        program,
         from: IpAddr::V4(from),
         to: Destination::Addr(SocketAddr { ip: IpAddr::V4(*to.ip()), port: to.port() }),
         protocol: if proto == Proto::Udp { Protocol::Udp } else { Protocol::Tcp },
         seed: 0,
     };
-    switchyard_engine::trace(cluster, &req).expect("traces")
+    switchyard_engine::trace(cluster, &req)
+}
+
+/// What a trace predicts, comparable across programs: verdict, and each endpoint with its
+/// masquerade flags.
+fn prediction(t: &Trace) -> (Verdict, BTreeSet<(String, bool)>) {
+    (t.verdict, t.outcomes.iter().map(|o| (o.endpoint.to_string(), o.masquerade)).collect())
 }
 
 /// What a batch of replies showed, against one or more traces (an endpoint change is checked
@@ -262,6 +281,23 @@ fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &m
             .collect(),
     };
     let t = &traces[0];
+    // The same question asked of what the kernel really holds must get the same answer.
+    let mut listed = Vec::new();
+    for (t, name) in traces.iter().zip(lab.nodes.iter().map(|n| n.name.as_str())) {
+        let name = if c.lb_node_port.is_some() { name } else { c.node };
+        let dst = match c.lb_node_port {
+            Some(np) => SocketAddrV4::new(lab.node(name).expect("node").ip, np),
+            None => c.to,
+        };
+        let program = lab.kernel_program(lab.node(name).expect("node")).ok();
+        match trace_program(cluster, backend, name, program, ip, dst, c.proto) {
+            Ok(k) if prediction(&k) == prediction(t) => {}
+            Ok(k) => {
+                listed.push(format!("the kernel's listing traces {:?}, the render {:?}", prediction(&k), prediction(t)))
+            }
+            Err(e) => listed.push(format!("the kernel's listing does not trace: {e}")),
+        }
+    }
     let (count, timeout) = match t.verdict {
         Verdict::Drop => (3, DROP_TIMEOUT),
         Verdict::Reject => (10, ANSWER_TIMEOUT),
@@ -270,6 +306,8 @@ fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &m
     let replies = lab.requests(&ns, c.proto, c.to, count, timeout);
     let mut tally = Tally::default();
     tally.check(lab, &traces.iter().collect::<Vec<_>>(), ip, &replies);
+    let same = format!("{}/{}", traces.len() - listed.len(), traces.len());
+    tally.problems.extend(listed);
     let predicted: BTreeSet<String> = traces.iter().flat_map(|t| predicted_pods(lab, t)).collect();
     let reached: BTreeSet<String> = tally.reached.keys().cloned().collect();
     if t.verdict == Verdict::Forward {
@@ -282,7 +320,7 @@ fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &m
     }
     let _ = writeln!(
         report,
-        "  {:<62} {:>8} {:>4} conns  reached {}/{} endpoints {:?}  masq {}  refused {}  no answer {}",
+        "  {:<62} {:>8} {:>4} conns  reached {}/{} endpoints {:?}  masq {}  refused {}  no answer {}  listing traces the same {same}",
         c.name,
         t.verdict.as_str(),
         tally.connections,
