@@ -73,6 +73,18 @@ impl ManifestSource {
                     continue;
                 }
             };
+            // A file that was just truncated (an editor or `>` about to write it) reads empty.
+            // Taking that as "no objects" would remove its services for a moment, and a
+            // half-written file right after would then keep the empty state. Delete the file to
+            // remove its objects.
+            if text.trim().is_empty() && self.files.get(&path).is_some_and(|o| !o.is_empty()) {
+                out.warnings.push(format!(
+                    "{}: empty; keeping its last objects (delete the file to remove them)",
+                    path.display()
+                ));
+                self.keep(&path, &mut files);
+                continue;
+            }
             match input::parse(&path.display().to_string(), &text) {
                 Ok(parsed) => {
                     for (kind, n) in parsed.skipped_kinds {
@@ -191,6 +203,22 @@ mod tests {
     }
 
     /// A half-written file keeps its last good objects and is reported; other files still count.
+    #[test]
+    fn emptied_file_keeps_its_objects() {
+        let dir = TempDir::new("emptied");
+        dir.write("a.yaml", &service("a", "10.96.0.1"));
+        let mut src = ManifestSource::new(dir.0.clone());
+        src.reload();
+        assert_eq!(src.cluster().services.len(), 1);
+        dir.write("a.yaml", "");
+        let r = src.reload();
+        assert_eq!(src.cluster().services.len(), 1, "a truncated file is a file being written");
+        assert!(!r.changed);
+        std::fs::remove_file(dir.0.join("a.yaml")).expect("remove");
+        src.reload();
+        assert!(src.cluster().services.is_empty(), "deleting the file removes its objects");
+    }
+
     #[test]
     fn invalid_file_keeps_last_good_state() {
         let d = TempDir::new("bad");
