@@ -227,6 +227,17 @@ async fn sync_loop(
                     actions.extend(state.step(Input::Applied { now, took, error: result.err() }));
                 }
                 Action::Wake { at } => deadline = Some(origin + at),
+                Action::FlushConntrack(flows) => {
+                    let ns = cfg.netns.clone();
+                    let n = flows.len();
+                    let failed = tokio::task::spawn_blocking(move || flush_conntrack(ns.as_deref(), &flows))
+                        .await
+                        .map_err(|_| AgentError::Panicked)?;
+                    match failed {
+                        Some(e) => eprintln!("switchyard: flushing {n} stale UDP conntrack entries: {e}"),
+                        None => eprintln!("switchyard: flushed UDP conntrack entries of {n} removed endpoint(s)"),
+                    }
+                }
                 Action::Report(r) => {
                     shared.metrics.observe(&r);
                     if let Ok(mut h) = shared.health.lock() {
@@ -313,6 +324,32 @@ fn changes_content(ev: &notify::Event) -> bool {
         EventKind::Access(_) => false,
         _ => true,
     }
+}
+
+/// Deletes the conntrack entries of UDP flows whose endpoint is gone, as kube-proxy does
+/// (`conntrack -D --orig-dst FRONTEND --orig-port-dst PORT --dst-nat ENDPOINT`). `conntrack`
+/// exits 1 when nothing matched; only a failure to run it is reported.
+fn flush_conntrack(ns: Option<&str>, flows: &[crate::sync::StaleUdp]) -> Option<String> {
+    for f in flows {
+        let mut argv = ns.map(ns_prefix).unwrap_or_default();
+        argv.extend(["conntrack", "-D", "-p", "udp"].map(String::from));
+        if f.endpoint.is_ipv6() {
+            argv.extend(["-f", "ipv6"].map(String::from));
+        }
+        if let Some(ip) = f.frontend {
+            argv.extend(["--orig-dst".into(), ip.to_string()]);
+        }
+        argv.extend(["--orig-port-dst".into(), f.port.to_string(), "--dst-nat".into(), f.endpoint.to_string()]);
+        let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output();
+        match out {
+            Err(e) => return Some(format!("cannot run {}: {e}", argv.join(" "))),
+            Ok(o) if !matches!(o.status.code(), Some(0 | 1)) => {
+                return Some(format!("{}: {}", argv.join(" "), String::from_utf8_lossy(&o.stderr).trim()));
+            }
+            Ok(_) => {}
+        }
+    }
+    None
 }
 
 fn ns_prefix(ns: &str) -> Vec<String> {

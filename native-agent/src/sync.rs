@@ -79,6 +79,63 @@ pub enum Action {
     Wake { at: Duration },
     /// A sync ended; publish it (metrics, events, health).
     Report(SyncReport),
+    /// Delete these UDP conntrack entries: the endpoint they point at is gone from the program,
+    /// and UDP has no connection end to make them expire, so the client would keep sending into
+    /// the void (kube-proxy's `conntrack.CleanStaleEntries`).
+    FlushConntrack(Vec<StaleUdp>),
+}
+
+/// A UDP flow to a service frontend that conntrack may still translate to a removed endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StaleUdp {
+    /// The frontend address (cluster, external or load-balancer IP); `None` for a NodePort,
+    /// which any node address can carry.
+    pub frontend: Option<std::net::IpAddr>,
+    pub port: u16,
+    pub endpoint: std::net::IpAddr,
+}
+
+/// The UDP (frontend, endpoint) pairs the old program served and the new one does not.
+pub fn stale_udp(old: &NodePlan, new: &NodePlan) -> Vec<StaleUdp> {
+    use std::collections::BTreeMap;
+    use switchyard_engine::model::Protocol;
+    let mut out = Vec::new();
+    for fo in &old.families {
+        let udp_old: Vec<_> = fo.services.iter().filter(|s| s.protocol == Protocol::Udp).collect();
+        if udp_old.is_empty() {
+            continue;
+        }
+        let now: BTreeMap<_, _> = new
+            .family(fo.family)
+            .map(|f| {
+                f.services
+                    .iter()
+                    .filter(|s| s.protocol == Protocol::Udp)
+                    .map(|s| ((&s.name, s.cluster_ip), s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for s in udp_old {
+            let kept: BTreeSet<std::net::IpAddr> = now
+                .get(&(&s.name, s.cluster_ip))
+                .map(|n| n.reachable_endpoints().iter().map(|e| e.ip).collect())
+                .unwrap_or_default();
+            for e in s.reachable_endpoints().iter().filter(|e| !kept.contains(&e.ip)) {
+                for ip in std::iter::once(s.cluster_ip)
+                    .chain(s.external_ips.iter().copied())
+                    .chain(s.load_balancer_ips.iter().copied())
+                {
+                    out.push(StaleUdp { frontend: Some(ip), port: s.port, endpoint: e.ip });
+                }
+                if let Some(np) = s.node_port {
+                    out.push(StaleUdp { frontend: None, port: np, endpoint: e.ip });
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// One finished sync.
@@ -227,6 +284,12 @@ impl State {
             None => {
                 if f.kind == SyncKind::Full {
                     self.last_full = self.last_start;
+                }
+                if let Some(old) = &self.applied {
+                    let stale = stale_udp(old, &f.plan);
+                    if !stale.is_empty() {
+                        out.push(Action::FlushConntrack(stale));
+                    }
                 }
                 self.applied = Some(f.plan);
                 self.failures = 0;
@@ -537,5 +600,24 @@ mod tests {
         assert_eq!(b.delay(1), ms(500));
         assert_eq!(b.delay(3), ms(2_000));
         assert_eq!(b.delay(100), ms(30_000));
+    }
+
+    /// A UDP endpoint that leaves the program leaves stale conntrack entries for every frontend
+    /// that could reach it; a TCP one does not (its connections end by themselves).
+    #[test]
+    fn removed_udp_endpoints_are_stale() {
+        use switchyard_engine::{policy, synthetic};
+        let old = synthetic::cluster(8, 2);
+        let mut new = old.clone();
+        for sl in new.endpoint_slices.values_mut() {
+            sl.endpoints.truncate(1);
+        }
+        let (a, b) = (policy::plan(&old, "node-a", Backend::Nftables), policy::plan(&new, "node-a", Backend::Nftables));
+        let stale = stale_udp(&a, &b);
+        // svc0 and svc7 are the UDP ones (one in seven); svc7 is a LoadBalancer with a NodePort.
+        let gone: std::collections::BTreeSet<_> = stale.iter().map(|f| f.endpoint).collect();
+        assert_eq!(gone.len(), 2, "{stale:?}");
+        assert!(stale.iter().any(|f| f.frontend.is_none()), "the NodePort's flows too: {stale:?}");
+        assert!(stale_udp(&b, &b).is_empty());
     }
 }

@@ -666,10 +666,9 @@ fn lab_is_removed_on_panic_and_stale_labs_are_swept() {
 
 /// A UDP flow keeps its 5-tuple, so conntrack keeps sending it to the endpoint it first reached;
 /// when that endpoint is removed, kube-proxy deletes those entries (`conntrack -D`) and the flow's
-/// next datagram is balanced again. Ignored until the agent flushes them (issue 3, item 2): the
-/// removed pod still answers here, because the lab's pods never go away.
+/// next datagram is balanced again. The removed pod still answers here (the lab's pods never go
+/// away), so only the flush can move the flow.
 #[test]
-#[ignore = "the agent does not flush UDP conntrack entries of removed endpoints yet"]
 fn udp_flow_moves_when_its_endpoint_is_removed() {
     if skip(BackendChoice::Nftables) {
         return;
