@@ -19,8 +19,6 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 
 use switchyard_engine::model::IpFamily;
 use switchyard_engine::render::iptables::{self as program, CHAIN_PREFIX};
@@ -325,33 +323,8 @@ impl Kernel {
 
     /// Runs a tool; returns stdout and whether it succeeded. `Err` only when it cannot start.
     fn run(&self, tool: &'static str, args: &[String], stdin: Option<&str>) -> Result<(String, Output), ApplyError> {
-        let mut cmd = match self.prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(tool);
-                c
-            }
-            None => Command::new(tool),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ApplyError::Spawn { tool, source })?;
-        let writer = match (stdin, child.stdin.take()) {
-            (Some(text), Some(mut pipe)) => {
-                let text = text.to_string();
-                Some(std::thread::spawn(move || pipe.write_all(text.as_bytes())))
-            }
-            _ => None,
-        };
-        let out = child.wait_with_output().map_err(|source| ApplyError::Spawn { tool, source })?;
-        if let Some(w) = writer {
-            // A write error shows up as the tool's own failure.
-            let _ = w.join();
-        }
+        let out =
+            super::run_tool(&self.prefix, tool, args, stdin).map_err(|source| ApplyError::Spawn { tool, source })?;
         let status = Output {
             code: out.status.code(),
             status: out.status.to_string(),

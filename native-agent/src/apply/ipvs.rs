@@ -8,9 +8,6 @@
 //! cannot take the virtual servers: [`Kernel::without`] skips that part (and kernels without the
 //! dummy interface type, the `ip` part), recording what it skipped.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use switchyard_engine::model::IpFamily;
 use switchyard_engine::render::ipvs::{self as program, Section};
 
@@ -134,30 +131,8 @@ impl Kernel {
 
     fn run(&self, step: &Step) -> Result<(), ApplyError> {
         let (tool, args) = step.command();
-        let mut cmd = match self.prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(tool);
-                c
-            }
-            None => Command::new(tool),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+        let out = super::run_tool(&self.prefix, tool, args, Some(&step.input))
             .map_err(|source| ApplyError::Spawn { tool, source })?;
-        let writer = child.stdin.take().map(|mut pipe| {
-            let text = step.input.clone();
-            std::thread::spawn(move || pipe.write_all(text.as_bytes()))
-        });
-        let out = child.wait_with_output().map_err(|source| ApplyError::Spawn { tool, source })?;
-        if let Some(w) = writer {
-            // A write error shows up as the tool's own failure.
-            let _ = w.join();
-        }
         if out.status.success() {
             Ok(())
         } else {

@@ -10,9 +10,6 @@
 //! [`Kernel`] runs `nft` (optionally inside a network namespace, for tests); [`Recording`]
 //! records scripts for unit tests and can be told to fail.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use switchyard_engine::render::nftables::TABLE;
 
 /// The families our table can exist in, as `nft` names them.
@@ -83,34 +80,7 @@ impl Kernel {
     }
 
     fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
-        let mut cmd = match self.prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg("nft");
-                c
-            }
-            None => Command::new("nft"),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(ApplyError::Spawn)?;
-        // Fed from a thread: a program of megabytes must not deadlock against a full stderr pipe.
-        let writer = match (stdin, child.stdin.take()) {
-            (Some(text), Some(mut pipe)) => {
-                let text = text.to_string();
-                Some(std::thread::spawn(move || pipe.write_all(text.as_bytes())))
-            }
-            _ => None,
-        };
-        let out = child.wait_with_output().map_err(ApplyError::Spawn)?;
-        if let Some(w) = writer {
-            // A write error shows up as nft's own failure.
-            let _ = w.join();
-        }
+        let out = super::run_tool(&self.prefix, "nft", args, stdin).map_err(ApplyError::Spawn)?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
