@@ -6,8 +6,23 @@ use std::collections::BTreeMap;
 use crate::input::Object;
 use crate::model::*;
 
+impl Object {
+    /// How to delete it; `None` for the proxy configuration, which is replaced, never deleted.
+    pub fn reference(&self) -> Option<ObjectRef> {
+        Some(match self {
+            Object::Service(s) => ObjectRef::Service(s.key.clone()),
+            Object::EndpointSlice(s) => ObjectRef::EndpointSlice(s.key.clone()),
+            Object::Endpoints { key, .. } => ObjectRef::Endpoints(key.clone()),
+            Object::Node(n) => ObjectRef::Node(n.name.clone()),
+            Object::ServiceCidr(c) => ObjectRef::ServiceCidr(c.name.clone()),
+            Object::ProxyConfig(_) => return None,
+        })
+    }
+}
+
 /// Identifies one object for deletion.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum ObjectRef {
     Service(ObjectKey),
     EndpointSlice(ObjectKey),
@@ -34,6 +49,23 @@ impl Cluster {
             c.apply(o);
         }
         c
+    }
+
+    /// Every object, in a stable order (nodes, CIDRs, services, slices, legacy endpoints, config):
+    /// `Cluster::from_objects(c.objects()) == c`.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut out = Vec::with_capacity(
+            self.nodes.len() + self.service_cidrs.len() + self.services.len() + self.endpoint_slices.len() + 1,
+        );
+        out.extend(self.nodes.values().cloned().map(Object::Node));
+        out.extend(self.service_cidrs.values().cloned().map(Object::ServiceCidr));
+        out.extend(self.services.values().cloned().map(Object::Service));
+        out.extend(self.endpoint_slices.values().cloned().map(Object::EndpointSlice));
+        out.extend(self.legacy_endpoints.iter().map(|(k, s)| Object::Endpoints { key: k.clone(), subsets: s.clone() }));
+        if self.config != ProxyConfig::default() {
+            out.push(Object::ProxyConfig(self.config.clone()));
+        }
+        out
     }
 
     /// Adds or replaces one object.

@@ -196,7 +196,7 @@ impl Note {
 }
 
 /// What kind of address the packet was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum DestinationKind {
     ClusterIp,
@@ -661,6 +661,12 @@ fn packet_text(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, proto: &s
 }
 
 /// The destination of a hop's packet text (`src → dst proto`).
+/// The endpoint the trace's one sampled path reached, if it reached one.
+pub fn sampled_endpoint(trace: &Trace) -> Option<SocketAddr> {
+    let hop = trace.hops.iter().find(|h| h.at == "pod")?;
+    packet_dst(hop.packet.as_deref()?)
+}
+
 fn packet_dst(text: &str) -> Option<SocketAddr> {
     let (_, rest) = text.split_once('→')?;
     rest.split_whitespace().next()?.parse().ok()
@@ -701,7 +707,7 @@ pub fn diagram(trace: &Trace, ctx: &DiagramContext) -> SequenceDiagram {
 
     // The endpoint of the drawn path, and where it lives.
     let pod_hop = hops.iter().position(|h| h.at == "pod");
-    let endpoint = pod_hop.and_then(|i| hops[i].packet.as_deref()).and_then(packet_dst);
+    let endpoint = sampled_endpoint(trace);
     let outcome = endpoint.and_then(|ep| trace.outcomes.iter().find(|o| o.endpoint == ep));
     let ep_node = pod_hop.and_then(|i| hops[i].node.clone()).or_else(|| outcome.and_then(|o| o.node.clone()));
     let pod_name = outcome.and_then(|o| o.pod.clone()).or_else(|| {

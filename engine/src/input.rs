@@ -15,7 +15,8 @@ use serde_json::Value;
 use crate::model::*;
 
 /// One object the proxy cares about.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),

@@ -21,6 +21,7 @@ pub mod flow;
 pub mod input;
 pub mod model;
 pub mod policy;
+pub mod protocol;
 pub mod render;
 pub mod synthetic;
 pub mod textfmt;

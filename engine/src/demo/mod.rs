@@ -7,6 +7,8 @@
 //! calls its own Service (hairpin); and one Service per traffic policy worth seeing. The cluster is
 //! written as Kubernetes YAML and read through [`crate::input::parse`], the path user input takes.
 
+pub mod scenario;
+
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::cluster::Cluster;
