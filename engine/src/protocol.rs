@@ -420,6 +420,19 @@ pub fn watch_diff(old: &Cluster, new: &Cluster) -> Vec<WatchEvent> {
     out
 }
 
+/// The node events that turn `old`'s nodes into `new`'s: joined, left, or updated.
+pub fn node_changes(old: &Cluster, new: &Cluster) -> Vec<NodeEvent> {
+    let left = old.nodes.keys().filter(|n| !new.nodes.contains_key(*n)).map(|n| (n, NodeChange::Left));
+    let rest = new.nodes.iter().filter_map(|(n, node)| match old.nodes.get(n) {
+        None => Some((n, NodeChange::Joined)),
+        Some(before) if before != node => Some((n, NodeChange::Updated)),
+        Some(_) => None,
+    });
+    let mut out: Vec<NodeEvent> = left.chain(rest).map(|(n, change)| NodeEvent { name: n.clone(), change }).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +479,30 @@ mod tests {
         let bad = r#"{"type":"event","seq":1,"timeMs":0,"event":{"kind":"health","healthy":true,"extra":1}}"#;
         let err = ServerMessage::from_json(bad).expect_err("unknown field");
         assert!(err.to_string().contains("extra"), "{err}");
+    }
+
+    /// A node that joins, one that leaves and one that changes are each said once.
+    #[test]
+    fn node_changes_name_each_node_once() {
+        let old = crate::demo::cluster();
+        let mut new = old.clone();
+        new.nodes.remove("node-2");
+        let mut n4 = new.nodes["node-1"].clone();
+        n4.name = "node-4".into();
+        new.nodes.insert("node-4".into(), n4);
+        if let Some(n) = new.nodes.get_mut("node-3") {
+            n.labels.insert("x".into(), "y".into());
+        }
+        let got: Vec<(String, NodeChange)> = node_changes(&old, &new).into_iter().map(|e| (e.name, e.change)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("node-2".into(), NodeChange::Left),
+                ("node-3".into(), NodeChange::Updated),
+                ("node-4".into(), NodeChange::Joined)
+            ]
+        );
+        assert!(node_changes(&old, &old).is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State as Extract;
@@ -23,12 +23,15 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use notify::Watcher as _;
+use switchyard_engine::cluster::Cluster;
 use switchyard_engine::policy;
+use switchyard_engine::protocol::{self, Event, Mode, SourceInfo};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{iptables, nftables};
 use crate::metrics::{Health, Metrics};
 use crate::source::ManifestSource;
+use crate::stream::{self, Hub, HubConfig};
 use crate::sync::{Action, Backoff, Input, State, SyncKind};
 
 /// Which kernel interface the agent programs.
@@ -136,6 +139,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let shared = Arc::new(Shared { metrics: Metrics::new(cfg.backend.as_str()), health: Mutex::default() });
+    let hub = Hub::start(source_info(&cfg), Cluster::default(), HubConfig::default());
     let prefix = cfg.netns.as_deref().map(ns_prefix).unwrap_or_default();
     let (kernel, plan_backend): (Box<dyn Kernel>, policy::Backend) = match cfg.backend {
         BackendChoice::Nftables => {
@@ -181,7 +185,7 @@ pub async fn run(
         .watch(&cfg.manifests, notify::RecursiveMode::Recursive)
         .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
 
-    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &mut changed, shutdown).await;
+    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, &mut changed, shutdown).await;
     drop(watcher);
     let _ = stop_http.send(());
     match server.await {
@@ -196,10 +200,13 @@ async fn sync_loop(
     backend: policy::Backend,
     mut kernel: Box<dyn Kernel>,
     shared: &Shared,
+    hub: &Hub,
     changed: &mut mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let origin = Instant::now();
+    let mut publisher = Publisher::new(&cfg.node, cfg.backend.as_str());
+    hub.publish(Event::Health(protocol::Health { healthy: true, message: "starting".into() }));
     let mut state = State::new(cfg.node.clone(), backend, cfg.backoff);
     let mut source = ManifestSource::new(cfg.manifests.clone());
     let mut deadline: Option<Instant> = None;
@@ -209,10 +216,17 @@ async fn sync_loop(
     let mut input = Some(reload(&mut source, origin, true, &mut errors));
     loop {
         let mut step_started = Instant::now();
-        let mut actions: VecDeque<Action> = input.take().map(|i| state.step(i).into()).unwrap_or_default();
+        let mut actions: VecDeque<Action> = match input.take() {
+            Some(i) => {
+                publisher.input(hub, state.cluster(), &i);
+                publisher.timed(|| state.step(i)).into()
+            }
+            None => VecDeque::new(),
+        };
         while let Some(a) = actions.pop_front() {
             match a {
                 Action::Apply { kind, program } => {
+                    publisher.rendered();
                     // The kernel tools block: run them off the runtime's workers.
                     let (k, result) = tokio::task::spawn_blocking(move || {
                         let r = kernel.apply(kind, &program);
@@ -224,7 +238,7 @@ async fn sync_loop(
                     let took = step_started.elapsed();
                     step_started = Instant::now();
                     let now = origin.elapsed();
-                    actions.extend(state.step(Input::Applied { now, took, error: result.err() }));
+                    actions.extend(publisher.timed(|| state.step(Input::Applied { now, took, error: result.err() })));
                 }
                 Action::Wake { at } => deadline = Some(origin + at),
                 Action::FlushConntrack(flows) => {
@@ -240,9 +254,11 @@ async fn sync_loop(
                 }
                 Action::Report(r) => {
                     shared.metrics.observe(&r);
-                    if let Ok(mut h) = shared.health.lock() {
+                    let health = shared.health.lock().ok().map(|mut h| {
                         h.observe(&r);
-                    }
+                        h.reply()
+                    });
+                    publisher.report(hub, &r, health);
                     match (&r.error, r.wrote) {
                         (Some(e), _) => eprintln!(
                             "switchyard: {} sync failed ({} in a row): {e}",
@@ -287,6 +303,78 @@ async fn sync_loop(
                 input = Some(Input::Tick { now: origin.elapsed() });
             }
         }
+    }
+}
+
+/// The agent's side of the event stream: what the loop saw, as events.
+struct Publisher {
+    node: String,
+    backend: &'static str,
+    /// Whether the source's first cluster was published (as one re-list).
+    listed: bool,
+    /// How long the last `State::step` took: when it started a sync, that was the render.
+    last_step: Duration,
+    /// The render time of the sync in flight.
+    render: Duration,
+    /// The health last published.
+    health: Option<(bool, String)>,
+}
+
+impl Publisher {
+    fn new(node: &str, backend: &'static str) -> Self {
+        Publisher {
+            node: node.to_string(),
+            backend,
+            listed: false,
+            last_step: Duration::ZERO,
+            render: Duration::ZERO,
+            health: None,
+        }
+    }
+
+    /// Watch and node events for a new cluster from the source.
+    fn input(&mut self, hub: &Hub, old: &Cluster, input: &Input) {
+        if let Input::Cluster { cluster, .. } = input {
+            for e in stream::cluster_events(old, cluster, !self.listed) {
+                hub.publish(e);
+            }
+            self.listed = true;
+        }
+    }
+
+    fn timed<T>(&mut self, step: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = step();
+        self.last_step = t.elapsed();
+        out
+    }
+
+    /// A sync was rendered by the last step and goes to the kernel now.
+    fn rendered(&mut self) {
+        self.render = self.last_step;
+    }
+
+    /// A sync ended; health events only when the health changed.
+    fn report(&mut self, hub: &Hub, r: &crate::sync::SyncReport, health: Option<crate::metrics::HealthReply>) {
+        // A sync that wrote nothing was rendered in the step that reported it.
+        let render = if r.wrote { self.render } else { self.last_step };
+        hub.publish(Event::Sync(stream::sync_event(&self.node, self.backend, r, render)));
+        if let Some(h) = health {
+            let now = (h.healthy, h.last_error.unwrap_or_default());
+            if self.health.as_ref() != Some(&now) {
+                hub.publish(Event::Health(protocol::Health { healthy: now.0, message: now.1.clone() }));
+                self.health = Some(now);
+            }
+        }
+    }
+}
+
+fn source_info(cfg: &AgentConfig) -> SourceInfo {
+    SourceInfo {
+        mode: Mode::Live,
+        node: cfg.node.clone(),
+        backend: cfg.backend.as_str().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 

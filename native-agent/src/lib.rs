@@ -15,4 +15,5 @@ pub mod lab;
 pub mod load;
 pub mod metrics;
 pub mod source;
+pub mod stream;
 pub mod sync;

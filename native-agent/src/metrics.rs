@@ -278,6 +278,9 @@ mod tests {
             consecutive_failures: failures,
             service_ports: 4,
             endpoints: 7,
+            changed: 12,
+            rules: 30,
+            services: Vec::new(),
         }
     }
 

@@ -153,6 +153,13 @@ pub struct SyncReport {
     /// Service ports and endpoints in the program now in the kernel.
     pub service_ports: usize,
     pub endpoints: usize,
+    /// Lines of the transaction sent to the kernel (0 when nothing was written).
+    pub changed: usize,
+    /// Rules and set elements of the node's program, counted at the last full sync (partial
+    /// syncs do not render the whole program, so they do not recount).
+    pub rules: usize,
+    /// The services a partial sync was for (empty for a full sync).
+    pub services: Vec<ObjectKey>,
 }
 
 /// Retry delays after failures: `initial`, doubled each time, never above `max`.
@@ -180,6 +187,10 @@ impl Backoff {
 struct InFlight {
     kind: SyncKind,
     plan: NodePlan,
+    changed: usize,
+    /// The full program's rule count (full syncs only).
+    rules: Option<usize>,
+    services: Vec<ObjectKey>,
 }
 
 /// The sync loop's whole state.
@@ -202,6 +213,8 @@ pub struct State {
     last_full: Option<Duration>,
     failures: u32,
     retry_at: Option<Duration>,
+    /// Rules and elements of the last full program applied.
+    rules: usize,
 }
 
 impl State {
@@ -222,6 +235,7 @@ impl State {
             last_full: None,
             failures: 0,
             retry_at: None,
+            rules: 0,
         }
     }
 
@@ -292,6 +306,9 @@ impl State {
                     }
                 }
                 self.applied = Some(f.plan);
+                if let Some(r) = f.rules {
+                    self.rules = r;
+                }
                 self.failures = 0;
                 self.retry_at = None;
             }
@@ -303,12 +320,32 @@ impl State {
                 self.retry_at = Some(now + self.backoff.delay(self.failures));
             }
         }
-        out.push(Action::Report(self.report(f.kind, now, took, error, true)));
+        let r = self.report(f.kind, now, took, error, f.changed);
+        out.push(Action::Report(SyncReport { services: f.services, ..r }));
     }
 
-    fn report(&self, kind: SyncKind, at: Duration, took: Duration, error: Option<String>, wrote: bool) -> SyncReport {
+    fn report(
+        &self,
+        kind: SyncKind,
+        at: Duration,
+        took: Duration,
+        error: Option<String>,
+        changed: usize,
+    ) -> SyncReport {
         let (service_ports, endpoints) = self.applied.as_ref().map(counts).unwrap_or((0, 0));
-        SyncReport { kind, at, took, error, wrote, consecutive_failures: self.failures, service_ports, endpoints }
+        SyncReport {
+            kind,
+            at,
+            took,
+            error,
+            wrote: changed > 0,
+            consecutive_failures: self.failures,
+            service_ports,
+            endpoints,
+            changed,
+            rules: self.rules,
+            services: Vec::new(),
+        }
     }
 
     /// Starts a sync if one is due and allowed, else says when to look again.
@@ -352,16 +389,20 @@ impl State {
                 (SyncKind::Full, full_program(self.backend, &plan))
             }
         };
+        let services = if kind == SyncKind::Partial { changed.into_iter().collect() } else { Vec::new() };
         if program.is_empty() {
             // Nothing to write: the kernel already holds this program.
             self.applied = Some(plan);
-            out.push(Action::Report(self.report(kind, now, Duration::ZERO, None, false)));
+            let r = self.report(kind, now, Duration::ZERO, None, 0);
+            out.push(Action::Report(SyncReport { services, ..r }));
             if let Some(at) = self.last_full.map(|t| t + self.sync_period()) {
                 out.push(Action::Wake { at });
             }
             return;
         }
-        self.in_flight = Some(InFlight { kind, plan });
+        let rules = (kind == SyncKind::Full).then(|| program.lines().filter(|l| is_rule_or_element(l)).count());
+        let changed = program.lines().count();
+        self.in_flight = Some(InFlight { kind, plan, changed, rules, services });
         out.push(Action::Apply { kind, program });
     }
 }
@@ -381,6 +422,21 @@ fn incremental(backend: Backend, old: &NodePlan, new: &NodePlan, changed: &BTree
         Backend::Iptables => render::iptables::render_incremental_for(old, new, changed),
         Backend::Ipvs => render::ipvs::render_incremental_for(old, new, changed),
     }
+}
+
+/// Whether a line of a full program is a rule or a set element, not structure: nftables
+/// `table`/`chain`/`set` headers and braces, iptables-restore `*table`, `:chain` and `COMMIT`.
+fn is_rule_or_element(line: &str) -> bool {
+    let l = line.trim();
+    !(l.is_empty()
+        || l.starts_with('#')
+        || l.starts_with('}')
+        || l.ends_with('{')
+        || l.starts_with("type ")
+        || l.starts_with("flags ")
+        || l.starts_with('*')
+        || l.starts_with(':')
+        || l == "COMMIT")
 }
 
 /// Service ports and endpoints of a plan (all families).
@@ -492,8 +548,15 @@ mod tests {
         assert!(program.contains("nginx-svc:http clusterIP: no endpoints"), "{program}");
         assert!(program.contains("delete element ip switchyard cluster-ips { 10.96.0.30 }"), "{program}");
         assert_eq!((s.pending_services(), s.pending_endpoints()), (0, 0));
+        let lines = program.lines().count();
         let r = s.step(ok(ms(101)));
         assert_eq!(report(&r).map(|r| (r.kind, r.wrote)), Some((SyncKind::Partial, true)));
+        // The report says what the event stream shows: the transaction's size, the services it
+        // was for, and the rule count of the last full program.
+        let r = report(&r).expect("a report");
+        assert_eq!(r.changed, lines);
+        assert_eq!(r.services, vec![ObjectKey::new("default", "cart"), nginx()]);
+        assert!(r.rules > 10, "{r:?}");
     }
 
     /// The first change after a quiet spell syncs at once.
