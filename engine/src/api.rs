@@ -134,11 +134,7 @@ pub fn trace(cluster: &Cluster, req: &TraceRequest) -> Result<Trace> {
         Some(p) => p.clone(),
         None => render(cluster, &req.node, req.backend)?,
     };
-    let ctx = NodeContext {
-        node: req.node.clone(),
-        addresses: cluster.nodes.get(&req.node).map(|n| n.ips()).unwrap_or_default(),
-    };
-    let topo = Topology::from_cluster(cluster);
+    let tracer = Tracer::new(cluster, &req.node, req.backend, &text)?;
     let packet = Packet {
         src: req.from,
         src_port: 40000 + (req.seed % 20000) as u16,
@@ -146,25 +142,83 @@ pub fn trace(cluster: &Cluster, req: &TraceRequest) -> Result<Trace> {
         dst_port: dst.port,
         protocol: req.protocol,
     };
-    let mut t = match req.backend {
-        Backend::Nftables => {
-            let prog = crate::trace::nftables::Program::parse(&text).map_err(Error::Nftables)?;
-            path::trace(&prog, &ctx, &topo, packet, "nftables", req.seed)
-        }
-        Backend::Iptables => {
-            let prog = crate::trace::iptables::Program::parse(&text).map_err(Error::Iptables)?;
-            path::trace(&prog, &ctx, &topo, packet, "iptables", req.seed)
-        }
-        Backend::Ipvs => {
-            let prog = crate::trace::ipvs::Program::parse(&text).map_err(Error::Ipvs)?;
-            path::trace(&prog, &prog.node_context(&ctx), &topo, packet, "ipvs", req.seed)
-        }
-    };
+    let mut t = tracer.trace(packet, req.seed);
     if let Some(r) = resolution {
         t.hops.insert(0, crate::trace::Hop::new("dns", format!("{} → {}", r.name, dst.ip)));
         t.dns = Some(r);
     }
     Ok(t)
+}
+
+/// A node's program parsed once, for tracing many packets through it (the agent explains every
+/// connection conntrack reports against the program the kernel holds).
+pub struct Tracer {
+    program: Parsed,
+    ctx: NodeContext,
+    topo: Topology,
+}
+
+enum Parsed {
+    Nftables(Box<crate::trace::nftables::Program>),
+    Iptables(Box<crate::trace::iptables::Program>),
+    Ipvs(Box<crate::trace::ipvs::Program>),
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer").field("node", &self.ctx.node).finish_non_exhaustive()
+    }
+}
+
+impl Tracer {
+    /// Parses `program` (as `render` prints it, or as the kernel lists it) for `node` of `cluster`.
+    pub fn new(cluster: &Cluster, node: &str, backend: Backend, program: &str) -> Result<Self> {
+        check_node(cluster, node)?;
+        let mut ctx = NodeContext {
+            node: node.to_string(),
+            addresses: cluster.nodes.get(node).map(|n| n.ips()).unwrap_or_default(),
+        };
+        let program = match backend {
+            Backend::Nftables => {
+                Parsed::Nftables(Box::new(crate::trace::nftables::Program::parse(program).map_err(Error::Nftables)?))
+            }
+            Backend::Iptables => {
+                Parsed::Iptables(Box::new(crate::trace::iptables::Program::parse(program).map_err(Error::Iptables)?))
+            }
+            Backend::Ipvs => {
+                let p = crate::trace::ipvs::Program::parse(program).map_err(Error::Ipvs)?;
+                // IPVS binds its virtual addresses to the node: they are local from then on.
+                ctx = p.node_context(&ctx);
+                Parsed::Ipvs(Box::new(p))
+            }
+        };
+        Ok(Tracer { program, ctx, topo: Topology::from_cluster(cluster) })
+    }
+
+    /// Traces one packet, ports and all, as it was sent.
+    pub fn trace(&self, packet: Packet, seed: u64) -> Trace {
+        let (ctx, topo) = (&self.ctx, &self.topo);
+        match &self.program {
+            Parsed::Nftables(p) => path::trace(p.as_ref(), ctx, topo, packet, "nftables", seed),
+            Parsed::Iptables(p) => path::trace(p.as_ref(), ctx, topo, packet, "iptables", seed),
+            Parsed::Ipvs(p) => path::trace(p.as_ref(), ctx, topo, packet, "ipvs", seed),
+        }
+    }
+
+    /// Traces one packet whose endpoint was observed: of up to `tries` seeds, the first whose
+    /// sampled path reaches `endpoint` is kept, so the path drawn is the one the packet took
+    /// (outcomes do not depend on the seed). Falls back to the first trace.
+    pub fn trace_towards(&self, packet: Packet, endpoint: Option<SocketAddr>, seed: u64, tries: u32) -> Trace {
+        let first = self.trace(packet, seed);
+        let Some(want) = endpoint else { return first };
+        if !first.outcomes.iter().any(|o| o.endpoint == want) || crate::flow::sampled_endpoint(&first) == Some(want) {
+            return first;
+        }
+        (1..tries as u64)
+            .map(|i| self.trace(packet, seed.wrapping_add(i.wrapping_mul(0x9E37_79B9))))
+            .find(|t| crate::flow::sampled_endpoint(t) == Some(want))
+            .unwrap_or(first)
+    }
 }
 
 /// An ExternalName service: the only hop is DNS; the connection leaves the cluster untouched.

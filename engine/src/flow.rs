@@ -660,7 +660,51 @@ fn packet_text(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, proto: &s
     format!("{} → {} {proto}", SocketAddr { ip: src, port: src_port }, SocketAddr { ip: dst, port: dst_port })
 }
 
-/// The destination of a hop's packet text (`src → dst proto`).
+/// What a real connection showed of its way: the endpoint that answered (the reply tuple's
+/// source) and whether the reply was addressed to someone other than the client (masquerade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    pub endpoint: SocketAddr,
+    pub masquerade: bool,
+}
+
+/// A traced connection as a flow event: the destination and Service looked up in `cluster`, the
+/// trace's outcomes and diagram, and what was `observed` with whether the tracer predicted it
+/// (`agrees`). The caller sets `id`, `state`, `origin` and `name`; `src` and `dst` are the
+/// trace's packet.
+pub fn explain(cluster: &Cluster, trace: Trace, observed: Option<Observed>) -> crate::protocol::FlowEvent {
+    use crate::protocol::{FlowEvent, FlowOrigin, FlowState};
+    let ctx = DiagramContext::from_cluster(cluster, &trace);
+    let diagram = diagram(&trace, &ctx);
+    let p = trace.packet;
+    // The node's own traffic masqueraded to the address it already had looks unmasqueraded.
+    let from_node = cluster.nodes.get(&trace.node).is_some_and(|n| n.ips().contains(&p.src));
+    let agrees = observed.map(|ob| {
+        trace
+            .outcomes
+            .iter()
+            .any(|o| o.endpoint == ob.endpoint && (o.masquerade == ob.masquerade || (o.masquerade && from_node)))
+    });
+    FlowEvent {
+        id: 0,
+        origin: FlowOrigin::Conntrack,
+        state: FlowState::New,
+        node: trace.node.clone(),
+        protocol: p.protocol,
+        src: SocketAddr { ip: p.src, port: p.src_port },
+        dst: SocketAddr { ip: p.dst, port: p.dst_port },
+        name: None,
+        destination: ctx.destination.unwrap_or(DestinationKind::Other),
+        service: ctx.service,
+        verdict: trace.verdict,
+        endpoint: observed.map(|o| o.endpoint),
+        masquerade: observed.map(|o| o.masquerade),
+        agrees,
+        outcomes: trace.outcomes,
+        diagram: Some(diagram),
+    }
+}
+
 /// The endpoint the trace's one sampled path reached, if it reached one.
 pub fn sampled_endpoint(trace: &Trace) -> Option<SocketAddr> {
     let hop = trace.hops.iter().find(|h| h.at == "pod")?;
@@ -1012,6 +1056,44 @@ mod tests {
     use crate::dns::Resolution;
     use crate::model::Protocol;
     use crate::trace::{Outcome, Packet};
+
+    /// Every endpoint the tracer predicts for nginx-svc can be drawn as the observed path, and
+    /// `explain` agrees exactly with the outcomes: the right endpoint with the wrong masquerade
+    /// disagrees, except for the node's own traffic, whose masquerade to its own address hides.
+    #[test]
+    fn explain_draws_the_observed_endpoint_and_checks_it() {
+        let c = crate::demo::cluster();
+        let program = crate::render(&c, "node-1", crate::policy::Backend::Nftables).unwrap();
+        let tracer = crate::Tracer::new(&c, "node-1", crate::policy::Backend::Nftables, &program).unwrap();
+        let pod: IpAddr = crate::demo::CLIENT_POD_NODE_1;
+        let packet = |src: IpAddr| Packet {
+            src,
+            src_port: 41_000,
+            dst: "10.96.0.10".parse().unwrap(),
+            dst_port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let outcomes = tracer.trace(packet(pod), 1).outcomes;
+        assert!(outcomes.len() > 1, "{outcomes:?}");
+        for o in &outcomes {
+            let t = tracer.trace_towards(packet(pod), Some(o.endpoint), 1, 64);
+            assert_eq!(sampled_endpoint(&t), Some(o.endpoint));
+            let seen = Observed { endpoint: o.endpoint, masquerade: o.masquerade };
+            let f = explain(&c, t.clone(), Some(seen));
+            assert_eq!((f.endpoint, f.masquerade, f.agrees), (Some(o.endpoint), Some(o.masquerade), Some(true)));
+            assert_eq!(
+                (f.src.port, f.dst.port, f.service.as_ref().map(|s| s.name.as_str())),
+                (41_000, 80, Some("nginx-svc"))
+            );
+            let flipped = Observed { masquerade: !o.masquerade, ..seen };
+            assert_eq!(explain(&c, t, Some(flipped)).agrees, Some(false));
+        }
+        let node_ip = c.nodes["node-1"].ips()[0];
+        let t = tracer.trace(packet(node_ip), 1);
+        let o = t.outcomes.iter().find(|o| o.masquerade).expect("the node's own traffic is masqueraded");
+        let seen = Observed { endpoint: o.endpoint, masquerade: false };
+        assert_eq!(explain(&c, t, Some(seen)).agrees, Some(true));
+    }
 
     fn hop(at: &str, action: &str, node: Option<&str>, packet: Option<&str>) -> Hop {
         Hop { node: node.map(str::to_string), packet: packet.map(str::to_string), ..Hop::new(at, action) }

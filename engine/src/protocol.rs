@@ -146,6 +146,8 @@ pub enum SyncKind {
 pub struct SyncEvent {
     pub node: String,
     pub backend: String,
+    /// `syncKind` on the wire: `kind` is [`Event`]'s tag.
+    #[serde(rename = "syncKind")]
     pub kind: SyncKind,
     pub ok: bool,
     /// Rendering plus applying.
@@ -474,6 +476,22 @@ mod tests {
         let text = snap.to_json();
         assert_eq!(ServerMessage::from_json(&text).expect("decodes"), snap);
         let ev = ServerMessage::Event(e);
+        assert_eq!(ServerMessage::from_json(&ev.to_json()).expect("decodes"), ev);
+
+        // Every kind of event decodes (a field named like the tag would not).
+        let sync = Event::Sync(SyncEvent {
+            node: "node-1".into(),
+            backend: "nftables".into(),
+            kind: SyncKind::Full,
+            ok: true,
+            duration_ms: 1.0,
+            render_ms: 0.5,
+            rules: 3,
+            changed: 3,
+            services: vec![],
+            error: None,
+        });
+        let ev = ServerMessage::Event(Sequenced { seq: 2, time_ms: 0, event: sync });
         assert_eq!(ServerMessage::from_json(&ev.to_json()).expect("decodes"), ev);
 
         let bad = r#"{"type":"event","seq":1,"timeMs":0,"event":{"kind":"health","healthy":true,"extra":1}}"#;

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use crate::api::{self, Destination, TraceRequest};
 use crate::cluster::Cluster;
-use crate::flow::{self, DestinationKind};
+use crate::flow;
 use crate::input::{self, Object};
 use crate::model::{Endpoint, ObjectKey, Protocol};
 use crate::policy::Backend;
@@ -334,35 +334,15 @@ pub fn explain(
     let dest: Destination = to.parse().ok()?;
     let req = TraceRequest { node: node.into(), backend, program: None, from, to: dest.clone(), protocol, seed };
     let trace = api::trace(cluster, &req).ok()?;
-    let ctx = flow::DiagramContext::from_cluster(cluster, &trace);
-    let diagram = flow::diagram(&trace, &ctx);
     let endpoint = flow::sampled_endpoint(&trace);
-    let masquerade = endpoint.and_then(|ep| trace.outcomes.iter().find(|o| o.endpoint == ep)).map(|o| o.masquerade);
-    let dst = match dest {
-        Destination::Addr(a) => a,
-        Destination::Name { port, .. } => SocketAddr { ip: trace.packet.dst, port },
+    let observed = endpoint
+        .and_then(|ep| trace.outcomes.iter().find(|o| o.endpoint == ep))
+        .map(|o| flow::Observed { endpoint: o.endpoint, masquerade: o.masquerade });
+    let (name, dst) = match dest {
+        Destination::Addr(a) => (None, a),
+        Destination::Name { name, port } => (Some(name), SocketAddr { ip: trace.packet.dst, port }),
     };
-    Some(FlowEvent {
-        id: 0,
-        origin: FlowOrigin::Demo,
-        state: FlowState::New,
-        node: node.into(),
-        protocol,
-        src: SocketAddr { ip: from, port: trace.packet.src_port },
-        dst,
-        name: match &dest {
-            Destination::Name { name, .. } => Some(name.clone()),
-            Destination::Addr(_) => None,
-        },
-        destination: ctx.destination.unwrap_or(DestinationKind::Other),
-        service: ctx.service,
-        verdict: trace.verdict,
-        endpoint,
-        masquerade,
-        agrees: endpoint.map(|_| true),
-        outcomes: trace.outcomes,
-        diagram: Some(diagram),
-    })
+    Some(FlowEvent { origin: FlowOrigin::Demo, name, dst, ..flow::explain(cluster, trace, observed) })
 }
 
 fn node_events(old: &Cluster, new: &Cluster, t: u64, out: &mut Timeline) {
@@ -417,6 +397,7 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::DestinationKind;
     use crate::protocol::{Journal, Sequenced, StreamState};
 
     fn run(seed: u64, until: u64) -> Timeline {
