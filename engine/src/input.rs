@@ -105,6 +105,9 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         budget.max_total_scalar_bytes = MAX_INPUT_BYTES;
         let mut options = serde_saphyr::Options::default();
         options.budget = Some(budget);
+        // Manifests seldom use aliases; an alias bomb replays events until this cap, so it is
+        // what bounds the memory a hostile file can cost (about 30 MB here, not gigabytes).
+        options.alias_limits.max_total_replayed_events = 100_000;
         // YAML 1.2 booleans only: a namespace called `n` or `on` is a string, not `false`/`true`.
         options.strict_booleans = true;
         match serde_saphyr::from_multiple_with_options::<Value>(text, options) {

@@ -147,12 +147,14 @@ pub async fn run(
             (Box::new(NftKernel(k)), policy::Backend::Nftables)
         }
         BackendChoice::Iptables => {
-            let k = iptables::Kernel { prefix };
-            // iptables-nft restores are far slower than legacy ones at scale: say which it is.
-            let variant = k.variant().unwrap_or_else(|e| {
+            // Write rules with the variant the node's other rules use, as kube-proxy's images do
+            // (iptables-nft restores are also far slower than legacy ones at scale).
+            let probe = iptables::Kernel { prefix, variant: None };
+            let variant = probe.detect().unwrap_or_else(|e| {
                 eprintln!("switchyard: cannot tell the iptables variant: {e}");
                 iptables::Variant::Unknown
             });
+            let k = probe.with_variant(variant);
             eprintln!("switchyard: iptables variant: {}", variant.as_str());
             shared.metrics.iptables_variant(variant.as_str());
             (Box::new(IptKernel(k)), policy::Backend::Iptables)

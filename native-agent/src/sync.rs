@@ -400,7 +400,7 @@ impl State {
             }
             return;
         }
-        let rules = (kind == SyncKind::Full).then(|| program.lines().filter(|l| is_rule_or_element(l)).count());
+        let rules = (kind == SyncKind::Full).then(|| switchyard_engine::render::rule_count(&program));
         let changed = program.lines().count();
         self.in_flight = Some(InFlight { kind, plan, changed, rules, services });
         out.push(Action::Apply { kind, program });
@@ -422,21 +422,6 @@ fn incremental(backend: Backend, old: &NodePlan, new: &NodePlan, changed: &BTree
         Backend::Iptables => render::iptables::render_incremental_for(old, new, changed),
         Backend::Ipvs => render::ipvs::render_incremental_for(old, new, changed),
     }
-}
-
-/// Whether a line of a full program is a rule or a set element, not structure: nftables
-/// `table`/`chain`/`set` headers and braces, iptables-restore `*table`, `:chain` and `COMMIT`.
-fn is_rule_or_element(line: &str) -> bool {
-    let l = line.trim();
-    !(l.is_empty()
-        || l.starts_with('#')
-        || l.starts_with('}')
-        || l.ends_with('{')
-        || l.starts_with("type ")
-        || l.starts_with("flags ")
-        || l.starts_with('*')
-        || l.starts_with(':')
-        || l == "COMMIT")
 }
 
 /// Service ports and endpoints of a plan (all families).

@@ -232,7 +232,7 @@ impl Scenario {
                     (Some(old), SyncKind::Partial) => changed_lines(old, &program),
                     _ => program.lines().count(),
                 };
-                let rules = program.lines().filter(|l| is_rule_or_element(l)).count();
+                let rules = crate::render::rule_count(&program);
                 self.program = Some(program);
                 SyncEvent {
                     node: SYNC_NODE.into(),
@@ -369,11 +369,6 @@ fn changed_lines(old: &str, new: &str) -> usize {
     let a: BTreeSet<&str> = old.lines().collect();
     let b: BTreeSet<&str> = new.lines().collect();
     a.symmetric_difference(&b).count()
-}
-
-fn is_rule_or_element(line: &str) -> bool {
-    let l = line.trim();
-    !(l.is_empty() || l.starts_with('#') || l.starts_with('}') || l.ends_with('{') || l.starts_with("type "))
 }
 
 /// A small deterministic generator (SplitMix64): the engine takes no ambient randomness.

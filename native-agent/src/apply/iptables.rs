@@ -303,6 +303,9 @@ fn rule_args(line: &str) -> Result<Vec<String>, ApplyError> {
 pub struct Kernel {
     /// Run every tool under this prefix (`ip netns exec NAME`), for tests in a namespace.
     pub prefix: Vec<String>,
+    /// Which binaries to run: `iptables-legacy-restore` or `iptables-nft-restore`; `None` runs
+    /// whatever `iptables-restore` is on this system.
+    pub variant: Option<Variant>,
 }
 
 impl Kernel {
@@ -312,13 +315,53 @@ impl Kernel {
 
     /// Runs inside network namespace `name`.
     pub fn in_netns(name: &str) -> Self {
-        Kernel { prefix: vec!["ip".into(), "netns".into(), "exec".into(), name.into()] }
+        Kernel { prefix: vec!["ip".into(), "netns".into(), "exec".into(), name.into()], variant: None }
+    }
+
+    /// Runs the binaries of one variant.
+    pub fn with_variant(mut self, variant: Variant) -> Self {
+        self.variant = matches!(variant, Variant::Legacy | Variant::NfTables).then_some(variant);
+        self
     }
 
     /// Which variant `iptables` is here.
     pub fn variant(&self) -> Result<Variant, ApplyError> {
+        if let Some(v) = self.variant {
+            return Ok(v);
+        }
         let (out, _) = self.run("iptables", &["--version".to_string()], None)?;
         Ok(Variant::from_version(&out))
+    }
+
+    /// Picks the variant the node's other rules live in, as Kubernetes' iptables-wrappers do for
+    /// kube-proxy: rules written with the other variant would run in a different order than the
+    /// rest of the node's firewall. See [`choose_variant`].
+    pub fn detect(&self) -> Result<Variant, ApplyError> {
+        let read = |tool: &'static str, args: &[&str]| -> Result<Option<String>, ApplyError> {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            match self.run(tool, &args, None) {
+                Ok((out, st)) if st.code == Some(0) => Ok(Some(out)),
+                Ok(_) => Ok(None),
+                // A system with only one variant installed: the other has nothing.
+                Err(ApplyError::Spawn { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let (nft_mangle, legacy_mangle) =
+            (read("iptables-nft-save", &["-t", "mangle"])?, read("iptables-legacy-save", &["-t", "mangle"])?);
+        if nft_mangle.is_none() && legacy_mangle.is_none() {
+            // Neither binary by its variant name: whatever `iptables` is.
+            return Ok(Variant::Unknown);
+        }
+        let count = |tool| -> Result<usize, ApplyError> { Ok(read(tool, &[])?.map_or(0, |s| rule_count(&s))) };
+        let nft_rules = count("iptables-nft-save")? + count("ip6tables-nft-save")?;
+        let legacy_rules = count("iptables-legacy-save")? + count("ip6tables-legacy-save")?;
+        Ok(choose_variant(
+            nft_mangle.as_deref().unwrap_or(""),
+            legacy_mangle.as_deref().unwrap_or(""),
+            nft_rules,
+            legacy_rules,
+        ))
     }
 
     /// Runs a tool; returns stdout and whether it succeeded. `Err` only when it cannot start.
@@ -351,10 +394,40 @@ struct Output {
     stderr: String,
 }
 
-fn tools(family: IpFamily) -> (&'static str, &'static str, &'static str) {
-    match family {
-        IpFamily::V4 => ("iptables", "iptables-restore", "iptables-save"),
-        IpFamily::V6 => ("ip6tables", "ip6tables-restore", "ip6tables-save"),
+/// The chains kubelet creates in the `mangle` table so that proxies can tell which variant the
+/// node uses (`KUBE-IPTABLES-HINT` since 1.24, `KUBE-KUBELET-CANARY` before).
+const HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY "];
+
+/// iptables-wrappers' choice: the variant whose `mangle` table holds kubelet's hint chain (nft
+/// first), else the variant with more rules, nft on a tie (a fresh node has no rules at all).
+pub fn choose_variant(nft_mangle: &str, legacy_mangle: &str, nft_rules: usize, legacy_rules: usize) -> Variant {
+    let hinted = |save: &str| save.lines().any(|l| HINT_CHAINS.iter().any(|h| l.starts_with(h)));
+    if hinted(nft_mangle) {
+        Variant::NfTables
+    } else if hinted(legacy_mangle) {
+        Variant::Legacy
+    } else if legacy_rules > nft_rules {
+        Variant::Legacy
+    } else {
+        Variant::NfTables
+    }
+}
+
+/// Rules in an `iptables-save` output.
+fn rule_count(save: &str) -> usize {
+    save.lines().filter(|l| l.starts_with("-A ")).count()
+}
+
+fn tools(family: IpFamily, variant: Option<Variant>) -> (&'static str, &'static str, &'static str) {
+    match (family, variant) {
+        (IpFamily::V4, Some(Variant::Legacy)) => ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save"),
+        (IpFamily::V4, Some(Variant::NfTables)) => ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"),
+        (IpFamily::V4, _) => ("iptables", "iptables-restore", "iptables-save"),
+        (IpFamily::V6, Some(Variant::Legacy)) => {
+            ("ip6tables-legacy", "ip6tables-legacy-restore", "ip6tables-legacy-save")
+        }
+        (IpFamily::V6, Some(Variant::NfTables)) => ("ip6tables-nft", "ip6tables-nft-restore", "ip6tables-nft-save"),
+        (IpFamily::V6, _) => ("ip6tables", "ip6tables-restore", "ip6tables-save"),
     }
 }
 
@@ -363,16 +436,16 @@ const WAIT: &str = "5";
 
 impl IptablesApplier for Kernel {
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), ApplyError> {
-        let tool = tools(family).1;
+        let tool = tools(family, self.variant).1;
         self.checked(tool, &["--noflush".into(), "-w".into(), WAIT.into()], Some(input)).map(drop)
     }
 
     fn save(&mut self, family: IpFamily) -> Result<String, ApplyError> {
-        self.checked(tools(family).2, &[], None)
+        self.checked(tools(family, self.variant).2, &[], None)
     }
 
     fn rule(&mut self, family: IpFamily, table: &str, op: RuleOp, rule: &[String]) -> Result<bool, ApplyError> {
-        let tool = tools(family).0;
+        let tool = tools(family, self.variant).0;
         let Some((chain, spec)) = rule.split_first() else { return Ok(false) };
         let mut args = vec!["-w".to_string(), WAIT.into(), "-t".into(), table.into()];
         match op {
@@ -454,6 +527,21 @@ mod tests {
         assert_eq!(Variant::from_version("iptables v1.8.9 (nf_tables)"), Variant::NfTables);
         assert_eq!(Variant::from_version("iptables v1.8.7 (legacy)"), Variant::Legacy);
         assert_eq!(Variant::from_version("iptables v1.4.21"), Variant::Unknown);
+    }
+
+    /// iptables-wrappers' order: kubelet's hint chain (nft first), then the larger rule set.
+    #[test]
+    fn variant_follows_the_hint_then_the_rules() {
+        let hint = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+        let canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
+        let plain = "*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n";
+        assert_eq!(choose_variant(hint, hint, 0, 100), Variant::NfTables);
+        assert_eq!(choose_variant(plain, hint, 100, 0), Variant::Legacy);
+        assert_eq!(choose_variant(plain, canary, 100, 0), Variant::Legacy);
+        assert_eq!(choose_variant(plain, plain, 3, 40), Variant::Legacy);
+        assert_eq!(choose_variant(plain, plain, 40, 3), Variant::NfTables);
+        assert_eq!(choose_variant(plain, plain, 0, 0), Variant::NfTables, "a fresh node");
+        assert_eq!(rule_count("*filter\n-A INPUT -j ACCEPT\n-A FORWARD -j DROP\nCOMMIT\n"), 2);
     }
 
     /// Quoted comments stay one argument.

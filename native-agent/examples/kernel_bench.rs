@@ -1,0 +1,362 @@
+//! What a sync costs at scale, per backend, split between rendering and the kernel; and what a
+//! connection to the 1st and to the last service costs once the program is loaded.
+//!
+//!     cargo run --release -p switchyard-agent --example kernel_bench -- [SERVICES...]
+//!
+//! As root (it creates network namespaces `sy-kb-<pid>-<n>` and deletes them on every exit path).
+//! Default sizes: 1000 and 10000 services × 10 endpoints (`synthetic::cluster`), programmed for
+//! `node-a`. Prints a table; the figures are recorded in BENCHMARKS.md.
+//!
+//! - full: render the whole program, then load it (`nft -f`, `iptables-restore`, or the ipset and
+//!   iptables parts of the IPVS program: this kernel has no IPVS module, so `ipvsadm` is skipped);
+//! - one endpoint change: plan the new cluster, render the transaction for the one changed service,
+//!   apply it; five times back and forth, the median;
+//! - connect: `connect()` from the node to a ClusterIP, DNATed to a local listener, for the first
+//!   and the last service of the program; the median and p99 of 2,000 connections.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use switchyard_agent::apply::{iptables, ipvs, nftables};
+use switchyard_engine::cluster::Cluster;
+use switchyard_engine::model::{ObjectKey, Protocol};
+use switchyard_engine::policy::{self, Backend, NodePlan};
+use switchyard_engine::render;
+use switchyard_engine::synthetic;
+
+const NODE: &str = "node-a";
+const NODE_IP: &str = "192.168.0.1";
+const ENDPOINTS: u32 = 10;
+const CONNECTS: usize = 2_000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__connect") {
+        return connect_child(&args[1..]);
+    }
+    if !is_root() {
+        eprintln!("kernel_bench: needs root (network namespaces)");
+        return ExitCode::from(2);
+    }
+    let sizes: Vec<u32> = if args.is_empty() {
+        vec![1_000, 10_000]
+    } else {
+        match args.iter().map(|a| a.parse()).collect() {
+            Ok(v) => v,
+            Err(_) => {
+                eprintln!("kernel_bench: arguments are service counts, e.g. 1000 10000");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    println!(
+        "| services | backend | full: render | full: kernel | kernel share | change: plan+render | change: kernel | connect 1st (median/p99) | connect last (median/p99) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let before = synthetic::cluster(n, ENDPOINTS);
+        let changed_service = n / 2;
+        let after = with_endpoint_change(&before, changed_service);
+        for backend in backends() {
+            match run(n, &before, &after, changed_service, backend) {
+                Ok(row) => println!("{row}"),
+                Err(e) => println!("| {n} | {} | failed: {e} | | | | | | |", backend.label()),
+            }
+            let _ = std::io::stdout().flush();
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Bench {
+    Nft,
+    Ipt(iptables::Variant),
+    Ipvs,
+}
+
+impl Bench {
+    fn label(self) -> String {
+        match self {
+            Bench::Nft => "nftables".into(),
+            Bench::Ipt(v) => format!("iptables ({})", v.as_str()),
+            Bench::Ipvs => "ipvs (ipset + iptables parts)".into(),
+        }
+    }
+
+    fn backend(self) -> Backend {
+        match self {
+            Bench::Nft => Backend::Nftables,
+            Bench::Ipt(_) => Backend::Iptables,
+            Bench::Ipvs => Backend::Ipvs,
+        }
+    }
+}
+
+fn backends() -> Vec<Bench> {
+    let mut out = vec![Bench::Nft];
+    for v in [iptables::Variant::Legacy, iptables::Variant::NfTables] {
+        let tool = if matches!(v, iptables::Variant::Legacy) { "iptables-legacy" } else { "iptables-nft" };
+        if Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            out.push(Bench::Ipt(v));
+        }
+    }
+    out.push(Bench::Ipvs);
+    out
+}
+
+/// The cluster with one endpoint of service `i` replaced.
+fn with_endpoint_change(c: &Cluster, i: u32) -> Cluster {
+    let mut c = c.clone();
+    let slice = synthetic::slice(i, ENDPOINTS, 1);
+    c.endpoint_slices.insert(slice.key.clone(), slice);
+    c
+}
+
+fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) -> Result<String, String> {
+    let ns = Netns::new()?;
+    ns.prepare_node(&[first_tcp_service(n), last_tcp_service(n)])?;
+    let backend = bench.backend();
+
+    let t = Instant::now();
+    let old_plan = policy::plan(before, NODE, backend);
+    let program = full(backend, &old_plan);
+    let render_full = t.elapsed();
+
+    let t = Instant::now();
+    load_full(bench, &ns.name, &program)?;
+    let kernel_full = t.elapsed();
+
+    // One endpoint change, forth and back, five times each way.
+    let key = synthetic::service(changed).key;
+    let hint: BTreeSet<ObjectKey> = BTreeSet::from([key]);
+    let mut render_change = Vec::new();
+    let mut kernel_change = Vec::new();
+    let mut plans = (old_plan, None::<NodePlan>);
+    for round in 0..10 {
+        let target = if round % 2 == 0 { after } else { before };
+        let t = Instant::now();
+        let new_plan = policy::plan(target, NODE, backend);
+        let txn = incremental(backend, &plans.0, &new_plan, &hint);
+        render_change.push(t.elapsed());
+        let t = Instant::now();
+        load_incremental(bench, &ns.name, &txn)?;
+        kernel_change.push(t.elapsed());
+        plans = (new_plan, None);
+    }
+
+    let connects = if matches!(bench, Bench::Ipvs) {
+        // Without the IPVS module nothing answers on a virtual server.
+        ("—".to_string(), "—".to_string())
+    } else {
+        let first = ns.connect(first_tcp_service(n))?;
+        let last = ns.connect(last_tcp_service(n))?;
+        (first, last)
+    };
+    let share = kernel_full.as_secs_f64() / (kernel_full + render_full).as_secs_f64() * 100.0;
+    Ok(format!(
+        "| {n} | {} | {} | {} | {share:.0} % | {} | {} | {} | {} |",
+        bench.label(),
+        ms(render_full),
+        ms(kernel_full),
+        ms(median(&mut render_change)),
+        ms(median(&mut kernel_change)),
+        connects.0,
+        connects.1,
+    ))
+}
+
+fn full(backend: Backend, plan: &NodePlan) -> String {
+    match backend {
+        Backend::Nftables => render::nftables::render(plan),
+        Backend::Iptables => render::iptables::render(plan),
+        Backend::Ipvs => render::ipvs::render(plan),
+    }
+}
+
+fn incremental(backend: Backend, old: &NodePlan, new: &NodePlan, changed: &BTreeSet<ObjectKey>) -> String {
+    match backend {
+        Backend::Nftables => render::nftables::render_incremental_for(old, new, Some(changed)),
+        Backend::Iptables => render::iptables::render_incremental_for(old, new, Some(changed)),
+        Backend::Ipvs => render::ipvs::render_incremental_for(old, new, Some(changed)),
+    }
+}
+
+fn load_full(bench: Bench, ns: &str, program: &str) -> Result<(), String> {
+    match bench {
+        Bench::Nft => {
+            nftables::NftApplier::apply(&mut nftables::Kernel::in_netns(ns), program).map_err(|e| e.to_string())
+        }
+        Bench::Ipt(v) => iptables::apply_full(&mut iptables::Kernel::in_netns(ns).with_variant(v), program)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Bench::Ipvs => ipvs_apply(ns, ipvs::Transaction::from_program(program)),
+    }
+}
+
+fn load_incremental(bench: Bench, ns: &str, txn: &str) -> Result<(), String> {
+    match bench {
+        Bench::Nft => nftables::NftApplier::apply(&mut nftables::Kernel::in_netns(ns), txn).map_err(|e| e.to_string()),
+        Bench::Ipt(v) => iptables::apply_incremental(&mut iptables::Kernel::in_netns(ns).with_variant(v), txn)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Bench::Ipvs => ipvs_apply(ns, ipvs::Transaction::from_transaction(txn)),
+    }
+}
+
+fn ipvs_apply(ns: &str, t: ipvs::Transaction) -> Result<(), String> {
+    use switchyard_engine::render::ipvs::Section;
+    // No IPVS module and no dummy links here: the virtual servers and the kube-ipvs0 addresses
+    // cannot be loaded; the ipset and iptables parts can.
+    let mut k = ipvs::Kernel::in_netns(ns).without(Section::Ipvsadm).without(Section::Ip);
+    ipvs::IpvsApplier::apply(&mut k, &t).map_err(|e| e.to_string())
+}
+
+/// The first and last TCP services (every 7th synthetic service is UDP).
+fn first_tcp_service(n: u32) -> u32 {
+    (0..n).find(|i| !is_udp(*i)).unwrap_or(0)
+}
+
+fn last_tcp_service(n: u32) -> u32 {
+    (0..n).rev().find(|i| !is_udp(*i)).unwrap_or(0)
+}
+
+fn is_udp(i: u32) -> bool {
+    synthetic::service(i).ports.iter().all(|p| p.protocol == Protocol::Udp)
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms >= 1_000.0 { format!("{:.2} s", ms / 1e3) } else { format!("{ms:.1} ms") }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A network namespace deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Result<Netns, String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("sy-kb-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        sh(&["ip", "netns", "add", &name])?;
+        Ok(Netns { name })
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Loopback up, the node's address on a spare link with the default route, and the
+    /// endpoints of the measured services as local addresses.
+    fn prepare_node(&self, services: &[u32]) -> Result<(), String> {
+        self.exec(&["ip", "link", "set", "lo", "up"])?;
+        // This kernel has no dummy links: a veth pair whose far end nobody uses does the same.
+        self.exec(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"])?;
+        self.exec(&["ip", "link", "set", "d1", "up"])?;
+        self.exec(&["ip", "link", "set", "d0", "up"])?;
+        self.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "d0"])?;
+        self.exec(&["ip", "route", "add", "default", "dev", "d0"])?;
+        for i in services {
+            for e in synthetic::slice(*i, ENDPOINTS, 0).endpoints {
+                let _ = self.exec(&["ip", "addr", "add", &format!("{}/32", e.address), "dev", "lo"]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs this binary in the namespace to time connections to service `i`'s ClusterIP.
+    fn connect(&self, i: u32) -> Result<String, String> {
+        let ip = synthetic::service(i).cluster_ips[0];
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(exe)
+            .args(["__connect", &format!("{ip}:80"), &CONNECTS.to_string()])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("connect to service {i}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "delete", &self.name]);
+    }
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Inside the namespace: listen on the endpoints' port, connect to the service `count` times.
+fn connect_child(args: &[String]) -> ExitCode {
+    let (Some(addr), Some(count)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: __connect ADDR:PORT COUNT");
+        return ExitCode::from(2);
+    };
+    let (Ok(addr), Ok(count)) = (addr.parse::<SocketAddr>(), count.parse::<usize>()) else {
+        eprintln!("__connect: bad arguments");
+        return ExitCode::from(2);
+    };
+    let listener = match TcpListener::bind("0.0.0.0:8080") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("__connect: listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    // Warm up conntrack and the caches, then measure.
+    let mut times = Vec::with_capacity(count);
+    for k in 0..count + 100 {
+        let t = Instant::now();
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => {
+                let d = t.elapsed();
+                drop(s);
+                if k >= 100 {
+                    times.push(d);
+                }
+            }
+            Err(e) => {
+                eprintln!("__connect: {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    times.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("{:.0} / {:.0} µs", us(times[times.len() / 2]), us(times[times.len() * 99 / 100]));
+    ExitCode::SUCCESS
+}
