@@ -17,11 +17,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::State as Extract;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use notify::Watcher as _;
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::policy;
@@ -138,8 +133,37 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with(cfg, ServeOptions::default(), listener, shutdown).await
+}
+
+/// What the agent serves besides the sync loop.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub server: crate::server::ServerConfig,
+    /// Where the healthCheckNodePort servers listen (`None`: none are opened).
+    pub health_checks: Option<crate::healthcheck::Bind>,
+    pub hub: HubConfig,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            server: crate::server::ServerConfig::default(),
+            health_checks: Some(crate::healthcheck::Bind::NodeAddresses),
+            hub: HubConfig::default(),
+        }
+    }
+}
+
+/// [`run`] with the server's options: token, dashboard folder, health check addresses.
+pub async fn run_with(
+    cfg: AgentConfig,
+    opts: ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let shared = Arc::new(Shared { metrics: Metrics::new(cfg.backend.as_str()), health: Mutex::default() });
-    let hub = Hub::start(source_info(&cfg), Cluster::default(), HubConfig::default());
+    let hub = Hub::start(source_info(&cfg), Cluster::default(), opts.hub);
     let prefix = cfg.netns.as_deref().map(ns_prefix).unwrap_or_default();
     let (kernel, plan_backend): (Box<dyn Kernel>, policy::Backend) = match cfg.backend {
         BackendChoice::Nftables => {
@@ -163,10 +187,10 @@ pub async fn run(
     };
 
     let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let router = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz_handler))
-        .with_state(shared.clone());
+    let status = Arc::new(AgentStatus { shared: shared.clone(), hub: hub.clone() });
+    let router = crate::server::router(hub.clone(), status, &cfg.node, opts.server);
+    let health_checks =
+        opts.health_checks.map(|bind| tokio::spawn(crate::healthcheck::run(hub.clone(), cfg.node.clone(), bind)));
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
@@ -189,7 +213,12 @@ pub async fn run(
 
     let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, &mut changed, shutdown).await;
     drop(watcher);
+    // Streams end first (they would hold the graceful shutdown open), with a close frame.
+    hub.close();
     let _ = stop_http.send(());
+    if let Some(h) = health_checks {
+        h.abort();
+    }
     match server.await {
         Ok(Ok(())) => result,
         Ok(Err(e)) => Err(AgentError::Serve(e)),
@@ -446,20 +475,24 @@ fn ns_prefix(ns: &str) -> Vec<String> {
     vec!["ip".into(), "netns".into(), "exec".into(), ns.into()]
 }
 
-async fn metrics_handler(Extract(s): Extract<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode())
+/// The agent's `/metrics` and `/healthz`, for [`crate::server`].
+struct AgentStatus {
+    shared: Arc<Shared>,
+    hub: Hub,
 }
 
-async fn healthz_handler(Extract(s): Extract<Arc<Shared>>) -> impl IntoResponse {
-    let reply = s.health.lock().map(|h| h.reply()).ok();
-    let (code, body) = match reply {
-        Some(r) => {
-            let code = if r.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            (code, serde_json::to_string(&r).unwrap_or_default())
+impl crate::server::Status for AgentStatus {
+    fn metrics(&self) -> String {
+        self.shared.metrics.stream(self.hub.stats());
+        self.shared.metrics.encode()
+    }
+
+    fn healthz(&self) -> (bool, String) {
+        match self.shared.health.lock().map(|h| h.reply()) {
+            Ok(r) => (r.healthy, serde_json::to_string(&r).unwrap_or_default()),
+            Err(_) => (false, "{}".to_string()),
         }
-        None => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_string()),
-    };
-    (code, [(header::CONTENT_TYPE, "application/json"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], body)
+    }
 }
 
 /// An agent running on a thread of its own (for tests and callers without a runtime).
@@ -471,6 +504,11 @@ pub struct Running {
 
 /// Starts the agent serving on `listen` (port 0 picks a free port; see [`Running::addr`]).
 pub fn spawn(cfg: AgentConfig, listen: SocketAddr) -> Result<Running, AgentError> {
+    spawn_with(cfg, ServeOptions::default(), listen)
+}
+
+/// [`spawn`] with the server's options.
+pub fn spawn_with(cfg: AgentConfig, opts: ServeOptions, listen: SocketAddr) -> Result<Running, AgentError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -480,7 +518,7 @@ pub fn spawn(cfg: AgentConfig, listen: SocketAddr) -> Result<Running, AgentError
     let addr = listener.local_addr().map_err(AgentError::Serve)?;
     let (stop, stopped) = oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
-        runtime.block_on(run(cfg, listener, async move {
+        runtime.block_on(run_with(cfg, opts, listener, async move {
             let _ = stopped.await;
         }))
     });
@@ -488,6 +526,14 @@ pub fn spawn(cfg: AgentConfig, listen: SocketAddr) -> Result<Running, AgentError
 }
 
 impl Running {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        stop: oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<Result<(), AgentError>>,
+    ) -> Self {
+        Running { addr, stop: Some(stop), thread: Some(thread) }
+    }
+
     /// Stops the agent (rules stay) and waits for it.
     pub fn stop(mut self) -> Result<(), AgentError> {
         self.shutdown()

@@ -1,4 +1,4 @@
-//! The `switchyard` command line: `render`, `trace`, `ipvs list` and `agent`, exactly as the project's CONTRACT.md
+//! The `switchyard` command line: `render`, `trace`, `ipvs list`, `agent` and `demo`, exactly as the project's CONTRACT.md
 //! describes them.
 //!
 //! Parsing is clap's (bad values and unknown backends exit 2 with clap's message); running is
@@ -41,6 +41,34 @@ pub enum Command {
     /// A small cluster of network namespaces on this machine, one agent per node (root only).
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Play the built-in demo cluster and its scenario (scaling, a pod dying, a node joining,
+    /// traffic of every kind) in real time, and serve it like an agent: no cluster, no root.
+    Demo(DemoArgs),
+}
+
+/// How the agent and the demo serve the dashboard and the API.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A file holding a bearer token every request must carry (required when --listen is not
+    /// a loopback address). Browsers open the dashboard once with ?token=TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The dashboard's files, as Trunk builds them (default: dist/ here or in the workspace).
+    #[arg(long, value_name = "DIR")]
+    pub ui_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where the dashboard, /api/v1/events, /api/v1/snapshot, /api/v1/trace, /metrics and
+    /// /healthz are served.
+    #[arg(long, default_value = "127.0.0.1:10260")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Seeds the scenario's traffic.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +108,8 @@ pub struct AgentArgs {
     /// Where /metrics and /healthz are served.
     #[arg(long, default_value = "127.0.0.1:10260")]
     pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -205,7 +235,7 @@ pub enum Output {
 }
 
 /// `10.0.0.1`, `fd00::1` or `[fd00::1]`; IPv4 with leading zeros is read as kube-proxy reads it.
-fn parse_ip(s: &str) -> Result<IpAddr, String> {
+pub fn parse_ip(s: &str) -> Result<IpAddr, String> {
     let t = s.trim();
     let bare = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(t);
     switchyard_engine::input::parse_ip_sloppy(bare).ok_or_else(|| format!("{s:?} is not an IP address"))
@@ -244,6 +274,20 @@ pub enum Error {
     Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
     Lab(#[from] crate::lab::LabError),
+    /// Serving beyond this machine without a token.
+    #[error(
+        "--listen {0} is not a loopback address: anyone who can reach it could read the cluster; give \
+         --token-file FILE (a bearer token every request must carry) or listen on 127.0.0.1"
+    )]
+    NeedsToken(std::net::SocketAddr),
+    #[error("cannot read --token-file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--token-file {}: the file holds no token", .0.display())]
+    EmptyToken(PathBuf),
 }
 
 impl Error {
@@ -252,6 +296,7 @@ impl Error {
         use switchyard_engine::Error as E;
         match self {
             Error::Load(_) | Error::Program { .. } | Error::ReadProgram { .. } => 2,
+            Error::NeedsToken(_) | Error::TokenFile { .. } | Error::EmptyToken(_) => 2,
             Error::Engine(E::UnknownNode(_) | E::UnknownName(_) | E::NoAddress { .. } | E::FamilyMismatch { .. }) => 2,
             _ => 1,
         }
@@ -311,6 +356,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Err
             write_all(out, &listing)
         }
         Command::Agent(a) => agent(a),
+        Command::Demo(a) => demo(a),
         Command::Lab(LabCommand::Up(a)) => lab_up(a, out),
         Command::Lab(LabCommand::Down { all }) => {
             for name in crate::lab::sweep_with(all) {
@@ -394,6 +440,7 @@ fn agent(a: AgentArgs) -> Result<(), Error> {
         AgentBackendArg::None => BackendChoice::None,
         AgentBackendArg::Ipvs => return Err(Error::Unavailable("the agent's ipvs backend")),
     };
+    let opts = agent::ServeOptions { server: server_config(a.listen, &a.serve)?, ..agent::ServeOptions::default() };
     let cfg = AgentConfig {
         node: a.node,
         manifests: a.cluster,
@@ -408,10 +455,48 @@ fn agent(a: AgentArgs) -> Result<(), Error> {
         .map_err(AgentError::Runtime)?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(AgentError::Serve)?;
-        eprintln!("switchyard: node {} ({}), serving http://{}/metrics", cfg.node, backend.as_str(), a.listen);
-        agent::run(cfg, listener, agent::termination()).await
+        eprintln!("switchyard: node {} ({}), serving http://{}/", cfg.node, backend.as_str(), a.listen);
+        agent::run_with(cfg, opts, listener, agent::termination()).await
     })?;
     Ok(())
+}
+
+/// Runs the demo until SIGTERM or SIGINT.
+fn demo(a: DemoArgs) -> Result<(), Error> {
+    use crate::agent::{self, AgentError};
+    let cfg =
+        crate::demo::DemoConfig { seed: a.seed, server: server_config(a.listen, &a.serve)?, ..Default::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(AgentError::Serve)?;
+        let addr = listener.local_addr().map_err(AgentError::Serve)?;
+        eprintln!("switchyard: demo scenario, serving http://{addr}/");
+        crate::demo::run(cfg, listener, agent::termination()).await
+    })?;
+    Ok(())
+}
+
+/// The server's settings; refuses to serve beyond loopback without a token.
+pub fn server_config(listen: std::net::SocketAddr, a: &ServeArgs) -> Result<crate::server::ServerConfig, Error> {
+    let token = match &a.token_file {
+        None if !listen.ip().is_loopback() => return Err(Error::NeedsToken(listen)),
+        None => None,
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| Error::TokenFile { path: path.clone(), source })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(Error::EmptyToken(path.clone()));
+            }
+            Some(token.to_string())
+        }
+    };
+    let ui_dir = a.ui_dir.clone().or_else(crate::server::default_ui_dir);
+    Ok(crate::server::ServerConfig { token, ui_dir })
 }
 
 fn write_all(out: &mut dyn Write, s: &str) -> Result<(), Error> {

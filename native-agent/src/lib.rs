@@ -11,9 +11,12 @@
 pub mod agent;
 pub mod apply;
 pub mod cli;
+pub mod demo;
+pub mod healthcheck;
 pub mod lab;
 pub mod load;
 pub mod metrics;
+pub mod server;
 pub mod source;
 pub mod stream;
 pub mod sync;

@@ -39,6 +39,9 @@ pub struct Metrics {
     syncs_written: Counter,
     syncs_empty: Counter,
     iptables_variant: Family<Vec<(String, String)>, Gauge>,
+    stream_clients: Gauge,
+    stream_events: Gauge,
+    stream_resyncs: Gauge,
 }
 
 /// kube-proxy's buckets for sync durations: 1 ms doubling to ~16 s.
@@ -66,6 +69,9 @@ impl Metrics {
             syncs_written: Counter::default(),
             syncs_empty: Counter::default(),
             iptables_variant: Family::default(),
+            stream_clients: Gauge::default(),
+            stream_events: Gauge::default(),
+            stream_resyncs: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -135,6 +141,17 @@ impl Metrics {
             "1 for the iptables variant in use (legacy, nf_tables), as kube-proxy detects it",
             m.iptables_variant.clone(),
         );
+        r.register("switchyard_stream_clients", "Event stream (WebSocket) clients connected", m.stream_clients.clone());
+        r.register(
+            "switchyard_stream_events",
+            "Events published on the stream since the start",
+            m.stream_events.clone(),
+        );
+        r.register(
+            "switchyard_stream_client_resyncs",
+            "Times a client fell behind its queue and was resynchronised",
+            m.stream_resyncs.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -169,6 +186,14 @@ impl Metrics {
     /// Which iptables variant the node runs.
     pub fn iptables_variant(&self, variant: &str) {
         self.iptables_variant.get_or_create(&vec![("variant".to_string(), variant.to_string())]).set(1);
+    }
+
+    /// The event stream's counters, read when `/metrics` is served.
+    pub fn stream(&self, stats: &crate::stream::HubStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stream_clients.set(stats.clients.load(Relaxed) as i64);
+        self.stream_events.set(stats.published.load(Relaxed) as i64);
+        self.stream_resyncs.set(stats.resyncs.load(Relaxed) as i64);
     }
 
     /// Changes waiting for the next sync.

@@ -107,6 +107,7 @@ enum Command {
     Snapshot { reply: oneshot::Sender<Message> },
     State { reply: oneshot::Sender<Box<StreamState>> },
     Cluster { reply: oneshot::Sender<Arc<Cluster>> },
+    Close,
 }
 
 /// A handle on the hub; clones share it. The owner task ends when the last handle is dropped.
@@ -189,6 +190,13 @@ impl Hub {
     pub fn stats(&self) -> &HubStats {
         &self.stats
     }
+
+    /// Stops the hub: clients get the end of their stream (a close frame telling them to
+    /// resume), later publishes go nowhere. For shutdown: open streams would otherwise keep the
+    /// server's graceful shutdown waiting.
+    pub fn close(&self) {
+        let _ = self.tx.send(Command::Close);
+    }
 }
 
 /// The owner task's state.
@@ -225,6 +233,9 @@ impl Owner {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         while let Some(cmd) = rx.recv().await {
+            if matches!(cmd, Command::Close) {
+                return;
+            }
             self.handle(cmd);
         }
     }
@@ -245,6 +256,7 @@ impl Owner {
                 let c = self.cluster.get_or_insert_with(|| Arc::new(self.state.cluster.clone()));
                 let _ = reply.send(c.clone());
             }
+            Command::Close => {}
         }
     }
 
