@@ -105,14 +105,69 @@ pub fn fit(text: &str, width: f64, font: f64) -> String {
     out
 }
 
-/// `name 10.0.0.1:80` → (`name`, `10.0.0.1:80`).
+/// Splits a participant's label for its two header lines: `name 10.0.0.1:80 ...` → (`name`,
+/// `10.0.0.1:80 ...`) at the first address; `host (what)` → (`host`, `(what)`).
 fn split_label(label: &str) -> (String, Option<String>) {
-    match label.rsplit_once(' ') {
-        Some((name, addr)) if addr.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '[') => {
-            (name.to_string(), Some(addr.to_string()))
+    let mut at = None;
+    let mut pos = 0;
+    for word in label.split(' ') {
+        if pos > 0 && word.starts_with(|c: char| c.is_ascii_digit() || c == '[') {
+            at = Some(pos);
+            break;
         }
-        _ => (label.to_string(), None),
+        pos += word.len() + 1;
     }
+    let at = at.or_else(|| label.find(" (").map(|i| i + 1));
+    match at {
+        Some(i) => (label[..i].trim().to_string(), Some(label[i..].trim().to_string())),
+        None => (label.to_string(), None),
+    }
+}
+
+/// Most lines a note shows; the step inspector has the rest.
+const MAX_NOTE_LINES: usize = 9;
+
+/// Breaks `text` into lines that fit `width` pixels, at spaces where it can and inside a long word
+/// (a rule without spaces) where it must. Continuation lines are indented by two spaces.
+pub fn wrap(text: &str, width: f64, font: f64) -> Vec<String> {
+    let max = ((width / (font * CHAR_EM)).floor() as usize).max(8);
+    let mut out: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let mut word: Vec<char> = word.chars().collect();
+        loop {
+            let used = line.chars().count();
+            let sep = usize::from(used > 0);
+            if used + sep + word.len() <= max {
+                if sep == 1 {
+                    line.push(' ');
+                }
+                line.extend(word.iter());
+                break;
+            }
+            if used > 2 && word.len() <= max - 2 {
+                out.push(std::mem::take(&mut line));
+                line.push_str("  ");
+                continue;
+            }
+            // A word longer than a line: cut it where the line ends.
+            let room = max.saturating_sub(used + sep).max(1);
+            if sep == 1 {
+                line.push(' ');
+            }
+            line.extend(word.iter().take(room));
+            word.drain(..room.min(word.len()));
+            out.push(std::mem::take(&mut line));
+            line.push_str("  ");
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if !line.trim().is_empty() || out.is_empty() {
+        out.push(line);
+    }
+    out
 }
 
 impl Scene {
@@ -141,9 +196,10 @@ impl Scene {
             .collect();
         let steps_src = d.steps();
         let mut steps = Vec::with_capacity(base.rows.len());
-        let mut last_bottom: f64 = opts.margin + opts.header_height;
+        // Our own vertical flow: notes wrap instead of being cut, so rows get their own heights.
+        let mut y = opts.margin + opts.header_height;
         for (row, step) in base.rows.iter().zip(steps_src) {
-            let item = match (&row.item, step) {
+            let (item, height) = match (&row.item, step) {
                 (RowItem::Message { index, x1, x2 }, Step::Message(_, m)) => {
                     let full = match &m.packet {
                         Some(p) if !m.text.contains(p.as_str()) && !m.text.is_empty() => format!("{} ({p})", m.text),
@@ -161,44 +217,47 @@ impl Scene {
                     } else {
                         mid.clamp(opts.margin + half, width - opts.margin - half)
                     };
-                    Item::Message {
+                    let h = if x1 == x2 { opts.message_height * 1.5 } else { opts.message_height };
+                    let item = Item::Message {
                         index: *index,
                         x1: *x1,
                         x2: *x2,
-                        y: row.y + row.height * 0.62,
+                        y: y + opts.message_height * 0.62,
                         kind: m.kind,
                         label,
                         full,
                         label_x,
-                    }
+                    };
+                    (item, h)
                 }
                 (RowItem::Note { index, x, width: w, .. }, Step::Note(_, n)) => {
                     let centre = x + w / 2.0;
                     let nw = w.max(NOTE_MIN_WIDTH.min(inner));
                     let nx = (centre - nw / 2.0).clamp(opts.margin, width - opts.margin - nw);
                     let full = n.lines();
-                    let lines = full.iter().map(|l| fit(l, nw - 2.0 * opts.note_padding, NOTE_FONT)).collect();
-                    Item::Note {
-                        index: *index,
-                        x: nx,
-                        y: row.y,
-                        width: nw,
-                        height: row.height,
-                        kind: n.kind,
-                        lines,
-                        full,
+                    let text_width = nw - 2.0 * opts.note_padding;
+                    let mut lines: Vec<String> = full.iter().flat_map(|l| wrap(l, text_width, NOTE_FONT)).collect();
+                    if lines.len() > MAX_NOTE_LINES {
+                        lines.truncate(MAX_NOTE_LINES);
+                        if let Some(last) = lines.last_mut() {
+                            *last = fit(&format!("{last} …"), text_width, NOTE_FONT);
+                        }
                     }
+                    let h = opts.note_line_height * lines.len() as f64 + opts.note_padding * 2.0;
+                    let item = Item::Note { index: *index, x: nx, y, width: nw, height: h, kind: n.kind, lines, full };
+                    (item, h)
                 }
                 // The engine's layout has one row per step, in step order.
                 _ => continue,
             };
-            last_bottom = row.y + row.height;
+            y += height + opts.gap;
             let duration_ms = match item {
                 Item::Message { .. } => MESSAGE_MS,
                 Item::Note { .. } => NOTE_MS,
             };
             steps.push(SceneStep { item, duration_ms });
         }
+        let last_bottom = y - opts.gap;
         Scene {
             width,
             height: last_bottom + opts.margin * 2.0,
@@ -665,6 +724,37 @@ mod tests {
         assert!(svg.contains("<title>a &amp; b</title>"));
         assert_eq!(svg.matches("<svg").count(), 1);
         assert!(svg.ends_with("</svg>"));
+    }
+
+    /// Wrapped lines fit, keep every character, and nothing is lost from a note.
+    #[test]
+    fn notes_wrap_instead_of_losing_the_translation() {
+        let text = "conntrack reverses the DNAT: source back to 192.168.1.13:30080, and the masquerade: destination back to 198.51.100.23";
+        let lines = wrap(text, 200.0, 11.0);
+        let max = (200.0 / (11.0 * CHAR_EM)).floor() as usize;
+        assert!(lines.len() > 1 && lines.iter().all(|l| l.chars().count() <= max), "{lines:?}");
+        let joined: String = lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+        assert_eq!(joined, text);
+        let long = "x".repeat(100);
+        let cut = wrap(&long, 100.0, 11.0);
+        assert_eq!(cut.iter().map(|l| l.trim().len()).sum::<usize>(), 100);
+        let s = Scene::new(&diagram("node-3", "198.51.100.23", "192.168.1.13:30080"));
+        let unnat = s.steps.iter().find_map(|st| match &st.item {
+            Item::Note { kind: NoteKind::UnNat, lines, .. } => Some(lines.join(" ")),
+            _ => None,
+        });
+        assert!(unnat.is_some_and(|t| t.contains("destination back to 198.51.100.23")));
+    }
+
+    #[test]
+    fn labels_split_at_the_address() {
+        assert_eq!(split_label("node-3 192.168.1.13"), ("node-3".into(), Some("192.168.1.13".into())));
+        assert_eq!(split_label("pod 10.244.1.50 on node-1"), ("pod".into(), Some("10.244.1.50 on node-1".into())));
+        assert_eq!(
+            split_label("db.example.com (outside the cluster)"),
+            ("db.example.com".into(), Some("(outside the cluster)".into()))
+        );
+        assert_eq!(split_label("cluster DNS"), ("cluster DNS".into(), None));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! - `cargo xtask test`: installs what is missing (kernel tools, the wasm32 target, rustfmt and
 //!   clippy), then runs the checks CI runs, stopping at the first failure: rustfmt, clippy with
 //!   `-D warnings`, the engine for `wasm32-unknown-unknown`, and `cargo test --workspace`.
-//! - `cargo xtask demo`: builds the release binary and shows the built-in demo cluster: node-1's
-//!   nftables program, and textbook packets traced through it.
+//!   The dashboard's checks (clippy on wasm32, its tests in headless Chromium) come from `ui`.
+//! - `cargo xtask demo`: builds the dashboard (`trunk build --release` into `dist/`) and the
+//!   release binary, and shows the built-in demo cluster: node-1's nftables program, and
+//!   textbook packets traced through it.
 //!
 //! Installs are idempotent: each checks first, so a second run costs seconds.
 
@@ -15,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
+
+mod ui;
 
 const APT_PACKAGES: [(&str, &str); 6] = [
     ("nftables", "nft"),
@@ -104,6 +108,7 @@ fn test() -> Result<()> {
     step("tools");
     install_apt_packages()?;
     install_rust_parts()?;
+    ui::install_tools()?;
 
     step("rustfmt");
     let mut c = cargo();
@@ -119,6 +124,9 @@ fn test() -> Result<()> {
     let mut c = cargo();
     c.args(["build", "-p", "switchyard-engine", "--target", "wasm32-unknown-unknown"]);
     run(c)?;
+
+    // Before the workspace tests: their totals must stay the last line CI reads.
+    ui::test()?;
 
     step("tests");
     cargo_test()
@@ -252,6 +260,7 @@ const PACKETS: [Packet; 5] = [
 ];
 
 fn demo() -> Result<()> {
+    ui::build()?;
     step("build (release)");
     let mut c = cargo();
     c.args(["build", "--release", "-p", "switchyard-agent", "--bin", "switchyard"]);
