@@ -24,6 +24,7 @@ use switchyard_engine::protocol::{self, Event, Mode, SourceInfo};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{iptables, nftables};
+use crate::conntrack;
 use crate::metrics::{Health, Metrics};
 use crate::source::ManifestSource;
 use crate::stream::{self, Hub, HubConfig};
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     /// Run the kernel tools inside this network namespace (`ip netns exec`), for tests.
     pub netns: Option<String>,
     pub backoff: Backoff,
+    /// Observe conntrack and publish real flows (a kernel backend only; see [`crate::conntrack`]).
+    pub flows: bool,
 }
 
 /// Why the agent stopped.
@@ -211,7 +214,10 @@ pub async fn run_with(
         .watch(&cfg.manifests, notify::RecursiveMode::Recursive)
         .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
 
-    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, &mut changed, shutdown).await;
+    let observer = start_flows(&cfg, &hub, &shared);
+    let result =
+        sync_loop(&cfg, plan_backend, kernel, &shared, &hub, observer.as_ref(), &mut changed, shutdown).await;
+    drop(observer);
     drop(watcher);
     // Streams end first (they would hold the graceful shutdown open), with a close frame.
     hub.close();
@@ -226,12 +232,14 @@ pub async fn run_with(
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the loop borrows each collaborator `run` made")]
 async fn sync_loop(
     cfg: &AgentConfig,
     backend: policy::Backend,
     mut kernel: Box<dyn Kernel>,
     shared: &Shared,
     hub: &Hub,
+    flows: Option<&conntrack::Observer>,
     changed: &mut mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -290,6 +298,11 @@ async fn sync_loop(
                         h.reply()
                     });
                     publisher.report(hub, &r, health);
+                    // A new program only: an unchanged one explains flows as before.
+                    if let (Some(o), None, true, Some(plan)) = (flows, &r.error, r.wrote, state.applied()) {
+                        let view = conntrack::View { cluster: Arc::new(state.cluster().clone()), plan: plan.clone() };
+                        o.update(Arc::new(view));
+                    }
                     match (&r.error, r.wrote) {
                         (Some(e), _) => eprintln!(
                             "switchyard: {} sync failed ({} in a row): {e}",
@@ -335,6 +348,24 @@ async fn sync_loop(
             }
         }
     }
+}
+
+/// Starts the conntrack observer in the node's namespace when asked for and a kernel is
+/// programmed. A node where it cannot run (no `CAP_NET_ADMIN`, no ctnetlink) still routes: the
+/// agent says why and goes on without flows.
+fn start_flows(cfg: &AgentConfig, hub: &Hub, shared: &Arc<Shared>) -> Option<conntrack::Observer> {
+    if !cfg.flows || cfg.backend == BackendChoice::None {
+        return None;
+    }
+    let ocfg = conntrack::ObserverConfig {
+        flows: conntrack::FlowsConfig::new(cfg.node.clone()),
+        netns: cfg.netns.clone(),
+        recv_buffer: None,
+    };
+    let (hub, counts) = (hub.clone(), shared.clone());
+    let publish = Box::new(move |e| hub.publish(e));
+    let count = Box::new(move |d: &conntrack::Stats| counts.metrics.observe_flows(d));
+    conntrack::Observer::spawn(ocfg, publish, count).inspect_err(|e| eprintln!("switchyard: no flows: {e}")).ok()
 }
 
 /// The agent's side of the event stream: what the loop saw, as events.

@@ -108,6 +108,9 @@ pub struct AgentArgs {
     /// Where /metrics and /healthz are served.
     #[arg(long, default_value = "127.0.0.1:10260")]
     pub listen: std::net::SocketAddr,
+    /// Do not publish real flows from conntrack (on by default with a kernel backend).
+    #[arg(long)]
+    pub no_flows: bool,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -447,6 +450,7 @@ fn agent(a: AgentArgs) -> Result<(), Error> {
         backend,
         netns: None,
         backoff: crate::sync::Backoff::default(),
+        flows: !a.no_flows,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -137,7 +137,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
-    agents: Vec<agent::Running>,
+    /// (node name, its agent).
+    agents: Vec<(String, agent::Running)>,
 }
 
 impl LabNode {
@@ -297,7 +298,7 @@ impl Lab {
     /// Starts one in-process agent per node, each programming its node's namespace.
     pub fn start_agents(&mut self) -> Result<()> {
         for n in self.nodes.clone() {
-            self.agents.push(self.spawn_agent(&n)?);
+            self.agents.push((n.name.clone(), self.spawn_agent(&n)?));
         }
         Ok(())
     }
@@ -309,6 +310,7 @@ impl Lab {
             backend: self.backend,
             netns: Some(n.netns.clone()),
             backoff: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(2) },
+            flows: true,
         };
         agent::spawn(cfg, SocketAddr::from(([127, 0, 0, 1], 0)))
             .map_err(|source| LabError::Agent { node: n.name.clone(), source })
@@ -329,6 +331,11 @@ impl Lab {
             self.nodes.len(),
             map.join(", ")
         ))
+    }
+
+    /// Where the agent of `node` serves its HTTP API (on this process's loopback).
+    pub fn agent_addr(&self, node: &str) -> Option<SocketAddr> {
+        self.agents.iter().find(|(n, _)| n == node).map(|(_, a)| a.addr)
     }
 
     pub fn node(&self, name: &str) -> Option<&LabNode> {
@@ -406,7 +413,7 @@ impl Lab {
 
     /// Stops the agents, leaving their rules in place.
     pub fn stop_agents(&mut self) {
-        for a in self.agents.drain(..) {
+        for (_, a) in self.agents.drain(..) {
             let _ = a.stop();
         }
     }
@@ -418,7 +425,7 @@ impl Lab {
             .cloned()
             .ok_or_else(|| LabError::Command { command: "lab".into(), message: format!("no node {node}") })?;
         let a = self.spawn_agent(&n)?;
-        self.agents.push(a);
+        self.agents.push((n.name, a));
         Ok(())
     }
 }

@@ -6,11 +6,13 @@
 //! - [`cli`] defines the `switchyard` command line (clap) and runs `render`, `trace` and `agent`;
 //! - [`source`] watches a manifests folder; [`sync`] is the sync loop's pure state machine;
 //!   [`agent`] runs them with the appliers under tokio and serves [`metrics`] and health;
+//! - [`conntrack`] turns the node's real connections into flow events, explained by the tracer;
 //! - [`lab`] builds a small cluster of network namespaces on one machine, one agent per node.
 
 pub mod agent;
 pub mod apply;
 pub mod cli;
+pub mod conntrack;
 pub mod demo;
 pub mod healthcheck;
 pub mod lab;

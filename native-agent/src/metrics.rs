@@ -38,6 +38,7 @@ pub struct Metrics {
     consecutive_failures: Gauge,
     syncs_written: Counter,
     syncs_empty: Counter,
+    flows: FlowCounters,
     iptables_variant: Family<Vec<(String, String)>, Gauge>,
     stream_clients: Gauge,
     stream_events: Gauge,
@@ -68,6 +69,7 @@ impl Metrics {
             consecutive_failures: Gauge::default(),
             syncs_written: Counter::default(),
             syncs_empty: Counter::default(),
+            flows: FlowCounters::default(),
             iptables_variant: Family::default(),
             stream_clients: Gauge::default(),
             stream_events: Gauge::default(),
@@ -141,6 +143,7 @@ impl Metrics {
             "1 for the iptables variant in use (legacy, nf_tables), as kube-proxy detects it",
             m.iptables_variant.clone(),
         );
+        m.flows.register(&mut r);
         r.register("switchyard_stream_clients", "Event stream (WebSocket) clients connected", m.stream_clients.clone());
         r.register(
             "switchyard_stream_events",
@@ -181,6 +184,21 @@ impl Metrics {
     /// A change was queued for the next sync.
     pub fn queued(&self) {
         self.last_queued.set(unix_now().as_secs_f64());
+    }
+
+    /// Adds what the conntrack observer counted since its last report.
+    pub fn observe_flows(&self, d: &crate::conntrack::Stats) {
+        let f = &self.flows;
+        for (c, n) in [
+            (&f.observed, d.observed),
+            (&f.matched, d.matched),
+            (&f.overflows, d.overflows),
+            (&f.resyncs, d.resyncs),
+            (&f.evicted, d.evicted),
+            (&f.diagrams_dropped, d.diagrams_dropped),
+        ] {
+            c.inc_by(n);
+        }
     }
 
     /// Which iptables variant the node runs.
@@ -287,6 +305,44 @@ pub fn rfc3339(t: Duration) -> String {
         rem % 60,
         t.subsec_millis()
     )
+}
+
+/// The conntrack observer's totals (`switchyard_flows_*`).
+#[derive(Debug, Default)]
+struct FlowCounters {
+    observed: Counter,
+    matched: Counter,
+    overflows: Counter,
+    resyncs: Counter,
+    evicted: Counter,
+    diagrams_dropped: Counter,
+}
+
+impl FlowCounters {
+    fn register(&self, r: &mut Registry) {
+        r.register("switchyard_flows_observed", "New-connection events conntrack sent", self.observed.clone());
+        r.register(
+            "switchyard_flows_matched",
+            "Connections to a Service frontend, explained and published",
+            self.matched.clone(),
+        );
+        r.register(
+            "switchyard_flows_overflows",
+            "Times the conntrack event socket overflowed (ENOBUFS)",
+            self.overflows.clone(),
+        );
+        r.register("switchyard_flows_resyncs", "Conntrack table dumps reconciled", self.resyncs.clone());
+        r.register(
+            "switchyard_flows_evicted",
+            "Connections forgotten to bound memory (no destroyed event for them)",
+            self.evicted.clone(),
+        );
+        r.register(
+            "switchyard_flows_diagrams_dropped",
+            "Flows published without a diagram (rate limit)",
+            self.diagrams_dropped.clone(),
+        );
+    }
 }
 
 #[cfg(test)]

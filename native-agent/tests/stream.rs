@@ -474,6 +474,7 @@ fn health_check_node_port_follows_local_endpoints() {
         backend: BackendChoice::None,
         netns: None,
         backoff: Backoff::default(),
+        flows: false,
     };
     let opts = ServeOptions { health_checks: Some(Bind::Addresses(vec![[127, 0, 0, 1].into()])), ..Default::default() };
     let running = agent::spawn_with(cfg, opts, localhost()).expect("starts");

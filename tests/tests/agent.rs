@@ -94,6 +94,7 @@ fn config(ns: &Netns, folder: &Folder, backend: BackendChoice) -> AgentConfig {
         backend,
         netns: Some(ns.name().to_string()),
         backoff: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(2) },
+        flows: false,
     }
 }
 
@@ -210,6 +211,7 @@ fn failing_syncs_make_the_agent_unhealthy() {
         backend: BackendChoice::Nftables,
         netns: Some(format!("sy-t-absent-{}", std::process::id())),
         backoff: Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
+        flows: false,
     };
     let running = agent::spawn(cfg, localhost()).expect("starts");
     wait_for("/healthz to turn 503", Duration::from_secs(10), || get(running.addr, "/healthz").0 == 503);
