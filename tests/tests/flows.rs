@@ -162,7 +162,11 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
     let agent = lab.agent_addr("node-1").expect("node-1's agent");
 
     let mut first = Client::connect(agent, None);
-    first.poll(Duration::from_millis(500));
+    let start = Instant::now();
+    while first.snapshot_seq.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no snapshot");
+        first.poll(Duration::from_millis(200));
+    }
     let since = first.snapshot_seq.expect("a snapshot comes first");
 
     let pod = |name: &str| {
