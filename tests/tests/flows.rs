@@ -5,7 +5,7 @@
 //! `flows_reach_the_event_stream_{nftables,iptables}`: a client opens node-1's agent's WebSocket
 //! (`/api/v1/events`; the in-process agents serve on this process's loopback, their conntrack
 //! observers read the node namespaces), then ClusterIP connections (same node, cross node,
-//! hairpin) and a NodePort connection from the external client are made; every one must arrive
+//! hairpin, UDP) and a NodePort connection from the external client are made; every one must arrive
 //! as a `new` flow whose endpoint is the pod that answered and whose masquerade is what the pod
 //! saw. Deleting the entries brings `destroyed` events with the same ids. A second client that
 //! connects with `?since=SEQ` gets exactly the events the first one saw after `SEQ`.
@@ -25,7 +25,7 @@ use switchyard_agent::agent::BackendChoice;
 use switchyard_agent::conntrack::{FlowsConfig, Observer, ObserverConfig, Stats, View};
 use switchyard_agent::lab::{self, CLIENT_IP, Lab, LabSpec, Proto, Reply, Svc, TARGET_PORT};
 use switchyard_engine::flow::DestinationKind;
-use switchyard_engine::model::ObjectKey;
+use switchyard_engine::model::{ObjectKey, Protocol};
 use switchyard_engine::policy::{self, Backend};
 use switchyard_engine::protocol::{Event, FlowEvent, FlowOrigin, FlowState, ServerMessage};
 use switchyard_engine::trace::{SocketAddr as EngineAddr, Verdict};
@@ -126,6 +126,7 @@ struct Case {
     /// The namespace and address it comes from.
     from: (String, Ipv4Addr),
     to: SocketAddrV4,
+    proto: Proto,
     service: &'static str,
     kind: DestinationKind,
     pod: &'static str,
@@ -153,11 +154,16 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
         svc("same", "ClusterIP", "10.96.0.30", &["n1-p0"]),
         svc("cross", "ClusterIP", "10.96.0.31", &["n2-p0"]),
         Svc { node_port: Some(30090), ..svc("np", "NodePort", "10.96.0.32", &["n2-p1"]) },
+        Svc { udp: true, port: 53, ..svc("dns", "ClusterIP", "10.96.0.33", &["n2-p1"]) },
     ];
     lab.write("10-services.yaml", &services.iter().map(|s| s.yaml(&lab)).collect::<String>()).expect("services");
     lab.start_agents().expect("agents start");
-    lab.wait_programmed(&["10.96.0.30", "10.96.0.31", "10.96.0.32", "30090"], &[], Duration::from_secs(30))
-        .expect("both nodes programmed");
+    lab.wait_programmed(
+        &["10.96.0.30", "10.96.0.31", "10.96.0.32", "30090", "10.96.0.33"],
+        &[],
+        Duration::from_secs(30),
+    )
+    .expect("both nodes programmed");
     let node1 = lab.node("node-1").expect("node-1").clone();
     let agent = lab.agent_addr("node-1").expect("node-1's agent");
 
@@ -178,6 +184,7 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
             name: "ClusterIP, same node",
             from: pod("n1-p1"),
             to: "10.96.0.30:80".parse().expect("addr"),
+            proto: Proto::Tcp,
             service: "same",
             kind: DestinationKind::ClusterIp,
             pod: "n1-p0",
@@ -187,6 +194,7 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
             name: "ClusterIP, cross node",
             from: pod("n1-p1"),
             to: "10.96.0.31:80".parse().expect("addr"),
+            proto: Proto::Tcp,
             service: "cross",
             kind: DestinationKind::ClusterIp,
             pod: "n2-p0",
@@ -196,6 +204,7 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
             name: "ClusterIP, hairpin (a pod reaching itself)",
             from: pod("n1-p0"),
             to: "10.96.0.30:80".parse().expect("addr"),
+            proto: Proto::Tcp,
             service: "same",
             kind: DestinationKind::ClusterIp,
             pod: "n1-p0",
@@ -205,16 +214,27 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
             name: "NodePort from the external client",
             from: (lab.client.clone(), CLIENT_IP),
             to: SocketAddrV4::new(node1.ip, 30090),
+            proto: Proto::Tcp,
             service: "np",
             kind: DestinationKind::NodePort,
             pod: "n2-p1",
             masquerade: true,
         },
+        Case {
+            name: "ClusterIP over UDP, cross node",
+            from: pod("n1-p1"),
+            to: "10.96.0.33:53".parse().expect("addr"),
+            proto: Proto::Udp,
+            service: "dns",
+            kind: DestinationKind::ClusterIp,
+            pod: "n2-p1",
+            masquerade: false,
+        },
     ];
     let mut ids = Vec::new();
     for c in &cases {
         // What the pod saw is the ground truth the flow event must match.
-        let reply = lab.requests(&c.from.0, Proto::Tcp, c.to, 1, ANSWER_TIMEOUT);
+        let reply = lab.requests(&c.from.0, c.proto, c.to, 1, ANSWER_TIMEOUT);
         let Some(Reply::Served { pod, source }) = reply.first().cloned() else {
             panic!("{}: no answer: {reply:?}", c.name);
         };
@@ -224,7 +244,8 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
         let (src, to) = (IpAddr::V4(c.from.1), engine_addr(c.to));
         let f = first.wait_flow(c.name, |f| f.state == FlowState::New && f.src.ip == src && f.dst == to);
         let endpoint = EngineAddr { ip: IpAddr::V4(lab.pod(c.pod).expect("pod").ip), port: TARGET_PORT };
-        assert_eq!(f.origin, FlowOrigin::Conntrack, "{}", c.name);
+        let protocol = if c.proto == Proto::Udp { Protocol::Udp } else { Protocol::Tcp };
+        assert_eq!((f.origin, f.protocol), (FlowOrigin::Conntrack, protocol), "{}", c.name);
         assert_eq!(f.node, "node-1", "{}", c.name);
         assert_eq!(f.service, Some(ObjectKey::new("default", c.service)), "{}", c.name);
         assert_eq!(f.destination, c.kind, "{}", c.name);
@@ -240,8 +261,10 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
     let distinct: BTreeSet<u64> = ids.iter().map(|(_, id)| *id).collect();
     assert_eq!(distinct.len(), ids.len(), "{ids:?}");
 
-    // The entries end (TCP's would linger in TIME_WAIT for two minutes): destroyed, same ids.
-    match lab::run("ip", &["netns", "exec", &node1.netns, "conntrack", "-D", "-p", "tcp"]) {
+    // The entries end (TCP's would linger in TIME_WAIT for two minutes, UDP's for 30 s):
+    // destroyed, same ids.
+    let delete = |proto| lab::run("ip", &["netns", "exec", &node1.netns, "conntrack", "-D", "-p", proto]);
+    match delete("tcp").and_then(|_| delete("udp")) {
         Ok(_) => {
             for (name, id) in &ids {
                 first.wait_flow(name, |f| f.state == FlowState::Destroyed && f.id == *id);
