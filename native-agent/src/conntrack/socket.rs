@@ -88,14 +88,18 @@ impl Kernel {
     /// that would go unreported, and a dump taken before it could miss them. Once drained, the
     /// dump that follows covers everything dropped so far and any later drop is reported again.
     /// What is read here is dropped too (the dump has it).
-    fn drain(&mut self) {
-        // Bounded, so a flood cannot keep the observer here.
-        for _ in 0..65_536 {
-            match rustix::net::recv(self.events.as_fd(), &mut self.buf[..], RecvFlags::DONTWAIT) {
-                Ok((0, _)) => break,
-                Ok(_) | Err(Errno::NOBUFS) => {}
-                Err(_) => break,
-            }
+    fn drain_events(&mut self) {
+        drain(&self.events, &mut self.buf);
+    }
+}
+
+/// Reads and drops whatever is queued on `fd`; bounded, so a flood cannot keep the caller here.
+fn drain(fd: &OwnedFd, buf: &mut [u8]) {
+    for _ in 0..65_536 {
+        match rustix::net::recv(fd.as_fd(), &mut buf[..], RecvFlags::DONTWAIT) {
+            Ok((0, _)) => break,
+            Ok(_) | Err(Errno::NOBUFS) => {}
+            Err(_) => break,
         }
     }
 }
@@ -113,7 +117,7 @@ impl Netlink for Kernel {
                 Ok(Received::Events(out))
             }
             Err(Errno::NOBUFS) => {
-                self.drain();
+                self.drain_events();
                 Ok(Received::Overflow)
             }
             Err(Errno::AGAIN | Errno::INTR) => Ok(Received::Idle),
@@ -122,6 +126,8 @@ impl Netlink for Kernel {
     }
 
     fn dump(&mut self) -> io::Result<Vec<Conn>> {
+        // What a dump that timed out left behind (its `NLMSG_DONE` would end this one early).
+        drain(&self.dumper, &mut self.buf);
         self.seq = self.seq.wrapping_add(1);
         rustix::net::send(&self.dumper, &wire::dump_request(self.seq), SendFlags::empty())?;
         let mut out = Vec::new();
