@@ -5,9 +5,9 @@
 //! `flows_reach_the_event_stream_{nftables,iptables}`: a client opens node-1's agent's WebSocket
 //! (`/api/v1/events`; the in-process agents serve on this process's loopback, their conntrack
 //! observers read the node namespaces), then ClusterIP connections (same node, cross node,
-//! hairpin, UDP) and a NodePort connection from the external client are made; every one must arrive
-//! as a `new` flow whose endpoint is the pod that answered and whose masquerade is what the pod
-//! saw. Deleting the entries brings `destroyed` events with the same ids. A second client that
+//! hairpin, UDP) and NodePort and LoadBalancer connections from the external client are made;
+//! every one must arrive as a `new` flow whose endpoint is the pod that answered and whose
+//! masquerade is what the pod saw. Deleting the entries brings `destroyed` events with the same ids. A second client that
 //! connects with `?since=SEQ` gets exactly the events the first one saw after `SEQ`.
 //!
 //! `observer_recovers_from_an_overflow`: an observer with a tiny socket buffer and a burst of
@@ -155,11 +155,16 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
         svc("cross", "ClusterIP", "10.96.0.31", &["n2-p0"]),
         Svc { node_port: Some(30090), ..svc("np", "NodePort", "10.96.0.32", &["n2-p1"]) },
         Svc { udp: true, port: 53, ..svc("dns", "ClusterIP", "10.96.0.33", &["n2-p1"]) },
+        Svc {
+            node_port: Some(30091),
+            lb_ip: Some("203.0.113.20".into()),
+            ..svc("lb", "LoadBalancer", "10.96.0.34", &["n1-p0"])
+        },
     ];
     lab.write("10-services.yaml", &services.iter().map(|s| s.yaml(&lab)).collect::<String>()).expect("services");
     lab.start_agents().expect("agents start");
     lab.wait_programmed(
-        &["10.96.0.30", "10.96.0.31", "10.96.0.32", "30090", "10.96.0.33"],
+        &["10.96.0.30", "10.96.0.31", "10.96.0.32", "30090", "10.96.0.33", "203.0.113.20"],
         &[],
         Duration::from_secs(30),
     )
@@ -218,6 +223,17 @@ fn flows_reach_the_event_stream(backend: BackendChoice, tag: &str) {
             service: "np",
             kind: DestinationKind::NodePort,
             pod: "n2-p1",
+            masquerade: true,
+        },
+        Case {
+            // The LB namespace routes load-balancer addresses to node-1.
+            name: "LoadBalancer IP from the external client",
+            from: (lab.client.clone(), CLIENT_IP),
+            to: "203.0.113.20:80".parse().expect("addr"),
+            proto: Proto::Tcp,
+            service: "lb",
+            kind: DestinationKind::LoadBalancer,
+            pod: "n1-p0",
             masquerade: true,
         },
         Case {
