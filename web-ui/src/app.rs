@@ -33,6 +33,19 @@ pub enum Boot {
     Live,
     /// A fixed state and no source (tests, screenshots).
     Snapshot(Rc<Snapshot>),
+    /// Starts from the snapshot; the embedding page pushes events into the queue and the app
+    /// drains it every frame, exactly as it drains the WebSocket (the browser benchmark's feed).
+    Feed(Rc<Snapshot>, Feed),
+}
+
+/// Events pushed from outside the app.
+#[derive(Clone, Default)]
+pub struct Feed(pub Rc<RefCell<Vec<switchyard_engine::protocol::Sequenced>>>);
+
+impl PartialEq for Feed {
+    fn eq(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[derive(Properties, PartialEq)]
@@ -59,6 +72,9 @@ pub enum Msg {
 /// Time one frame may spend folding events, so the page keeps its frame rate under a flood.
 const FRAME_BUDGET_MS: f64 = 8.0;
 const THEME_KEY: &str = "switchyard.theme";
+/// Under a flood of events the views re-render at most this often; the diagram animates on its
+/// own at the display's rate, and nobody reads a list that changes 60 times a second.
+const RENDER_EVERY_MS: f64 = 100.0;
 /// Pause after a flow finished playing before the next one starts, when following.
 const FOLLOW_PAUSE_MS: f64 = 1_200.0;
 
@@ -67,6 +83,7 @@ type ProgramCache = Option<((u64, String, Backend), Result<Rc<Vec<ProgramLine>>,
 pub struct App {
     model: Model,
     demo: Option<Demo>,
+    feed: Option<Feed>,
     link: Option<Link>,
     fall_back: bool,
     got_snapshot: bool,
@@ -79,12 +96,16 @@ pub struct App {
     cluster: Rc<Cluster>,
     cluster_version: u64,
     finished_at: Option<f64>,
+    /// Events were applied since the last render.
+    dirty: bool,
+    last_render: f64,
     show_loader: bool,
     program_cache: RefCell<ProgramCache>,
 }
 
 impl App {
     fn start_demo(&mut self, notice: Option<String>) {
+        self.feed = None;
         self.link = None;
         self._retry = None;
         let demo = Demo::new(1);
@@ -164,7 +185,7 @@ impl Component for App {
             }
             Boot::Demo => Start::Demo,
             Boot::Live => Start::Live { fall_back_to_demo: false },
-            Boot::Snapshot(_) => Start::Demo,
+            Boot::Snapshot(_) | Boot::Feed(..) => Start::Demo,
         };
         let source = match start {
             Start::Live { .. } => DataSource::Live,
@@ -173,6 +194,7 @@ impl Component for App {
         let mut app = App {
             model: Model::new(source),
             demo: None,
+            feed: None,
             link: None,
             fall_back: matches!(start, Start::Live { fall_back_to_demo: true }),
             got_snapshot: false,
@@ -185,6 +207,8 @@ impl Component for App {
             cluster: Rc::new(Cluster::default()),
             cluster_version: 0,
             finished_at: None,
+            dirty: false,
+            last_render: 0.0,
             show_loader: false,
             program_cache: RefCell::new(None),
         };
@@ -196,10 +220,13 @@ impl Component for App {
         }
         crate::dom::apply_theme(app.model.theme);
         match (&boot, start) {
-            (Boot::Snapshot(s), _) => {
+            (Boot::Snapshot(s), _) | (Boot::Feed(s, _), _) => {
                 app.model.reduce(Action::Snapshot(Box::new((**s).clone())));
                 app.model.source = DataSource::Demo;
                 app.model.connection = Connection::Local;
+                if let Boot::Feed(_, f) = &boot {
+                    app.feed = Some(f.clone());
+                }
             }
             (_, Start::Demo) => app.start_demo(None),
             (_, Start::Live { .. }) => app.connect(ctx),
@@ -238,6 +265,10 @@ impl Component for App {
                     let events = d.poll();
                     self.model.enqueue(events);
                 }
+                if let Some(f) = &self.feed {
+                    let events: Vec<_> = f.0.borrow_mut().drain(..).collect();
+                    self.model.enqueue(events);
+                }
                 let start = now_ms();
                 let mut applied = 0;
                 loop {
@@ -247,7 +278,8 @@ impl Component for App {
                         break;
                     }
                 }
-                let mut changed = applied > 0;
+                self.dirty |= applied > 0;
+                let mut changed = self.dirty && now_ms() - self.last_render >= RENDER_EVERY_MS;
                 if self.model.animation.follow
                     && self.finished_at.is_some_and(|t| now_ms() - t > FOLLOW_PAUSE_MS)
                     && self.model.reduce(Action::SelectLatest)
@@ -330,6 +362,7 @@ impl Component for App {
             }
             Msg::Loaded(file, cluster) => {
                 self.demo = None;
+                self.feed = None;
                 self.link = None;
                 self._retry = None;
                 let node = cluster.nodes.keys().next().cloned().unwrap_or_default();
@@ -358,6 +391,11 @@ impl Component for App {
                 true
             }
         }
+    }
+
+    fn rendered(&mut self, _ctx: &Context<Self>, _first_render: bool) {
+        self.last_render = now_ms();
+        self.dirty = false;
     }
 
     fn view(&self, ctx: &Context<Self>) -> Html {
@@ -409,7 +447,7 @@ impl App {
                 <span class="muted">{ source }</span>
                 if let Some((class, text)) = conn { <span class={classes!("pill", class)} data-testid="connection">{ text }</span> }
                 <span class="grow"></span>
-                <span class="muted small">{ format!("{} events", m.counters.applied) }</span>
+                <span class="muted small" title="events applied since the page opened">{ format!("seq {} · {} events", m.stream.as_ref().map(|s| s.seq).unwrap_or(0), m.counters.applied) }</span>
                 if m.source != DataSource::Demo {
                     <button class="btn" onclick={link.callback(|_| Msg::StartDemo)}>{"Run the demo"}</button>
                 }

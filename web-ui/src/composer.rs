@@ -312,7 +312,12 @@ async fn fetch_trace(url: &str) -> Result<Trace, String> {
     let resp = gloo::net::http::Request::get(url).send().await.map_err(|e| e.to_string())?;
     let text = resp.text().await.map_err(|e| e.to_string())?;
     if !resp.ok() {
-        return Err(format!("the agent answered {}: {text}", resp.status()));
+        // The agent's errors are `{"error": "...", "parameter": "..."}`.
+        let why = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        return Err(format!("the agent answered {}: {why}", resp.status()));
     }
     serde_json::from_str(&text).map_err(|e| format!("unexpected trace from the agent: {e}"))
 }

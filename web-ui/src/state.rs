@@ -403,10 +403,13 @@ impl Model {
         self.cluster_version += 1;
         for e in &flows {
             if let Event::Flow(f) = &e.event {
-                self.count_flow(f);
+                count_flow(&mut self.spread, &mut self.closed, f);
             }
         }
         self.refresh_cache();
+        if self.animation.follow && self.selected_flow.is_none() {
+            self.reduce(Action::SelectLatest);
+        }
     }
 
     /// Queues events; when the queue is full the oldest flow events make room.
@@ -445,11 +448,16 @@ impl Model {
         let batch: Vec<Sequenced> = self.pending.drain(..n).collect();
         let flows_in_batch = batch.iter().filter(|e| matches!(e.event, Event::Flow(_))).count();
         let mut to_skip = flows_in_batch.saturating_sub(RECENT_FLOWS);
-        let mut counted = Vec::new();
-        for e in &batch {
+        // Flows that made it into the stream state, moved (not copied) into the shared cache.
+        let mut fresh: Vec<(u64, Box<FlowEvent>)> = Vec::new();
+        for e in batch {
+            if e.seq != 0 && e.seq <= stream.seq {
+                // A replayed overlap after a reconnect: already folded in.
+                continue;
+            }
             if let Event::Flow(f) = &e.event {
-                counted.push(f.clone());
-                if to_skip > 0 && (e.seq == 0 || e.seq > stream.seq) {
+                count_flow(&mut self.spread, &mut self.closed, f);
+                if to_skip > 0 {
                     to_skip -= 1;
                     stream.seq = stream.seq.max(e.seq);
                     stream.time_ms = stream.time_ms.max(e.time_ms);
@@ -460,45 +468,23 @@ impl Model {
             if matches!(e.event, Event::Watch(_)) {
                 self.cluster_version += 1;
             }
-            stream.apply(e);
+            stream.apply(&e);
+            if let Event::Flow(f) = e.event {
+                fresh.push((e.seq, f));
+            }
         }
         self.counters.applied += n as u64;
-        for f in counted {
-            self.count_flow(&f);
+        let keep: BTreeSet<u64> = stream.flows.iter().map(|e| e.seq).collect();
+        self.flow_cache.retain(|seq, _| keep.contains(seq));
+        for (seq, f) in fresh {
+            if keep.contains(&seq) {
+                self.flow_cache.insert(seq, Rc::new(*f));
+            }
         }
-        self.refresh_cache();
         if self.animation.follow && self.selected_flow.is_none() {
             self.reduce(Action::SelectLatest);
         }
         n
-    }
-
-    fn count_flow(&mut self, f: &FlowEvent) {
-        if f.state == FlowState::Destroyed {
-            if self.closed.len() == RECENT_FLOWS {
-                self.closed.pop_front();
-            }
-            self.closed.push_back(f.id);
-            return;
-        }
-        let (Some(service), Some(endpoint)) = (&f.service, f.endpoint) else { return };
-        if !self.spread.contains_key(service) && self.spread.len() >= MAX_SPREAD_SERVICES {
-            return;
-        }
-        let spread = self.spread.entry(service.clone()).or_default();
-        spread.flows += 1;
-        let mut add = |ep: SocketAddr, observed: u64, expected: f64| {
-            if let Some(s) = spread.endpoints.get_mut(&ep) {
-                s.observed += observed;
-                s.expected += expected;
-            } else if spread.endpoints.len() < MAX_SPREAD_ENDPOINTS {
-                spread.endpoints.insert(ep, EndpointShare { observed, expected });
-            }
-        };
-        add(endpoint, 1, 0.0);
-        for o in &f.outcomes {
-            add(o.endpoint, 0, o.probability);
-        }
     }
 
     /// Keeps one shared copy of each flow the stream state holds, and no others.
@@ -543,7 +529,9 @@ impl Model {
     pub fn mode_label(&self) -> String {
         match (&self.source, self.stream.as_ref().map(|s| s.source.mode)) {
             (DataSource::Offline { file }, _) => format!("offline: {file}"),
-            (DataSource::Demo, _) | (_, Some(Mode::Demo)) => "demo".into(),
+            (DataSource::Demo, _) => "demo".into(),
+            // `switchyard demo` streams its scenario like an agent streams a node.
+            (DataSource::Live, Some(Mode::Demo)) => "live: demo scenario".into(),
             (DataSource::Live, _) => "live".into(),
         }
     }
@@ -551,6 +539,35 @@ impl Model {
     /// The sequence number to resume from after a reconnect.
     pub fn resume_seq(&self) -> Option<u64> {
         self.stream.as_ref().map(|s| s.seq).filter(|s| *s > 0)
+    }
+}
+
+/// Counts a flow into the connection spread, or notes that its connection closed.
+fn count_flow(spread_by: &mut BTreeMap<ObjectKey, Spread>, closed: &mut VecDeque<u64>, f: &FlowEvent) {
+    if f.state == FlowState::Destroyed {
+        if closed.len() == RECENT_FLOWS {
+            closed.pop_front();
+        }
+        closed.push_back(f.id);
+        return;
+    }
+    let (Some(service), Some(endpoint)) = (&f.service, f.endpoint) else { return };
+    if !spread_by.contains_key(service) && spread_by.len() >= MAX_SPREAD_SERVICES {
+        return;
+    }
+    let spread = spread_by.entry(service.clone()).or_default();
+    spread.flows += 1;
+    let mut add = |ep: SocketAddr, observed: u64, expected: f64| {
+        if let Some(s) = spread.endpoints.get_mut(&ep) {
+            s.observed += observed;
+            s.expected += expected;
+        } else if spread.endpoints.len() < MAX_SPREAD_ENDPOINTS {
+            spread.endpoints.insert(ep, EndpointShare { observed, expected });
+        }
+    };
+    add(endpoint, 1, 0.0);
+    for o in &f.outcomes {
+        add(o.endpoint, 0, o.probability);
     }
 }
 
@@ -722,6 +739,8 @@ mod tests {
         }
         m.reduce(Action::Snapshot(Box::new(st.snapshot())));
         assert_eq!(m.resume_seq(), Some(events[half - 1].seq));
+        assert!(m.selected_flow.is_some(), "following picks a flow from the snapshot");
+        assert_eq!(m.mode_label(), "live: demo scenario");
         assert_eq!(m.program_node.as_deref(), Some("node-1"));
         // The server replays from a little before: the overlap is ignored.
         m.reduce(Action::Events(events[half - 5..].to_vec()));
