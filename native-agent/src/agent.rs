@@ -215,8 +215,7 @@ pub async fn run_with(
         .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
 
     let observer = start_flows(&cfg, &hub, &shared);
-    let result =
-        sync_loop(&cfg, plan_backend, kernel, &shared, &hub, observer.as_ref(), &mut changed, shutdown).await;
+    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, observer.as_ref(), &mut changed, shutdown).await;
     drop(observer);
     drop(watcher);
     // Streams end first (they would hold the graceful shutdown open), with a close frame.

@@ -36,7 +36,8 @@ pub enum Command {
     /// IPVS views of a node's program.
     #[command(subcommand)]
     Ipvs(IpvsCommand),
-    /// Keep this node's kernel in step with a manifests folder; serve /metrics and /healthz.
+    /// Keep this node's kernel in step with a manifests folder; serve the dashboard, its event
+    /// stream, traces, /metrics and /healthz.
     Agent(AgentArgs),
     /// A small cluster of network namespaces on this machine, one agent per node (root only).
     #[command(subcommand)]
@@ -105,7 +106,8 @@ pub struct AgentArgs {
     pub cluster: PathBuf,
     #[arg(long, value_enum, default_value_t = AgentBackendArg::Nftables)]
     pub backend: AgentBackendArg,
-    /// Where /metrics and /healthz are served.
+    /// Where the dashboard, /api/v1/events, /api/v1/snapshot, /api/v1/trace, /metrics and
+    /// /healthz are served (anything but loopback needs --token-file).
     #[arg(long, default_value = "127.0.0.1:10260")]
     pub listen: std::net::SocketAddr,
     /// Do not publish real flows from conntrack (on by default with a kernel backend).

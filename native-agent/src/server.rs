@@ -38,6 +38,8 @@ pub const PING_EVERY: Duration = Duration::from_secs(20);
 /// A client that cannot take one message in this long is disconnected (it can resume with
 /// `?since=`); until then its queue lags and it is resynchronised, never waited for.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many ready messages are written before one flush.
+const BATCH: usize = 256;
 /// The subprotocol the server selects when a client offers subprotocols (browsers require the
 /// server to pick one of those offered; see [`Auth`]).
 pub const SUBPROTOCOL: &str = "switchyard.v1";
@@ -291,7 +293,7 @@ async fn serve_client(socket: WebSocket, hub: Hub, since: Option<u64>) {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     loop {
-        let out = tokio::select! {
+        let first = tokio::select! {
             m = feed.next() => match m {
                 Ok(m) => WsMessage::Text(m.json),
                 Err(_) => {
@@ -307,7 +309,18 @@ async fn serve_client(socket: WebSocket, hub: Hub, since: Option<u64>) {
                 Some(Ok(_)) => continue,
             },
         };
-        match tokio::time::timeout(SEND_TIMEOUT, tx.send(out)).await {
+        // Whatever else is ready goes in the same write: one flush per batch, not per event.
+        let batch = async {
+            tx.feed(first).await?;
+            for _ in 0..BATCH {
+                match feed.try_next() {
+                    Some(m) => tx.feed(WsMessage::Text(m.json)).await?,
+                    None => break,
+                }
+            }
+            tx.flush().await
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, batch).await {
             Ok(Ok(())) => {}
             // Gone, or not reading: its connection goes; it resumes from its last number.
             Ok(Err(_)) | Err(_) => return,

@@ -2,8 +2,9 @@
 //! state new clients start from, kept for clients that reconnect, serialised once and fanned
 //! out to every WebSocket client.
 //!
-//! One owner task holds the [`Journal`], the [`StreamState`] and the serialised messages, so no
-//! lock is ever held across work: [`Hub::publish`] only pushes onto an unbounded channel (it never
+//! One owner holds the [`Journal`], the [`StreamState`] and the serialised messages, so no lock
+//! is ever held across work. It runs on a thread of its own, not as one task among the clients'
+//! writers, so that a hundred busy writers cannot starve it and let its queue grow: [`Hub::publish`] only pushes onto an unbounded channel (it never
 //! blocks and never waits for a client), and subscribing is a request to the owner, which makes
 //! "the snapshot (or the missed events) then everything after it" exact: the owner is the only
 //! sender of deltas, so nothing can fall between the two.
@@ -22,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::ws::Utf8Bytes;
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::protocol::{
-    Event, Journal, Resume, ServerMessage, SourceInfo, StreamState, SyncEvent, SyncKind, WatchEvent, node_changes,
-    watch_diff,
+    Event, Journal, Resume, Sequenced, ServerMessage, SourceInfo, StreamState, SyncEvent, SyncKind, WatchEvent,
+    node_changes, watch_diff,
 };
 
 use crate::sync::SyncReport;
@@ -47,7 +48,7 @@ impl Default for HubConfig {
     }
 }
 
-/// The hub stopped (its owner task ended): only when the runtime is shutting down.
+/// The hub stopped (its owner ended): only when the agent is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the event hub has stopped")]
 pub struct HubClosed;
@@ -110,7 +111,8 @@ enum Command {
     Close,
 }
 
-/// A handle on the hub; clones share it. The owner task ends when the last handle is dropped.
+/// A handle on the hub; clones share it. The owner ends when the last handle is dropped or
+/// [`Hub::close`] is called.
 #[derive(Clone)]
 pub struct Hub {
     tx: mpsc::UnboundedSender<Command>,
@@ -130,14 +132,14 @@ pub fn now_ms() -> u64 {
 }
 
 impl Hub {
-    /// Starts the owner task on the current tokio runtime. `cluster` is the state before the
-    /// first event (the demo's first cluster; empty for an agent, whose source publishes it).
+    /// Starts the owner thread. `cluster` is the state before the first event (the demo's first
+    /// cluster; empty for an agent, whose source publishes it).
     pub fn start(source: SourceInfo, cluster: Cluster, config: HubConfig) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(HubStats::default());
         let (generation_tx, generation) = watch::channel(0);
         let owner = Owner::new(StreamState::new(source, cluster), config, stats.clone(), generation_tx);
-        tokio::spawn(owner.run(rx));
+        std::thread::spawn(move || owner.run(rx));
         Hub { tx, stats, generation }
     }
 
@@ -231,8 +233,8 @@ impl Owner {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(cmd) = rx.blocking_recv() {
             if matches!(cmd, Command::Close) {
                 return;
             }
@@ -261,8 +263,10 @@ impl Owner {
     }
 
     fn publish(&mut self, time_ms: u64, event: Event) {
-        let e = self.journal.push(time_ms, event).clone();
-        self.state.apply(&e);
+        let e = self.journal.push(time_ms, event);
+        self.state.apply(e);
+        let seq = e.seq;
+        let json = Utf8Bytes::from(event_json(e));
         match &e.event {
             Event::Watch(_) => {
                 self.cluster = None;
@@ -271,8 +275,6 @@ impl Owner {
             Event::Health(h) => self.stats.healthy.store(h.healthy, Ordering::Relaxed),
             _ => {}
         }
-        let seq = e.seq;
-        let json = Utf8Bytes::from(ServerMessage::Event(e).to_json());
         let m = Message { seq, snapshot: false, json };
         // Trimmed in step with the journal, which keeps the same number of events.
         if self.sent.len() == self.capacity {
@@ -313,6 +315,17 @@ impl Owner {
         let snap = self.snapshot();
         Subscription { seq: snap.seq, backlog: vec![snap], resumed: false, deltas }
     }
+}
+
+/// `ServerMessage::Event(e).to_json()`, from a borrowed event (no copy of it).
+fn event_json(e: &Sequenced) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(tag = "type", rename_all = "camelCase")]
+    enum Wire<'a> {
+        Event(&'a Sequenced),
+    }
+    // As `ServerMessage::to_json`: plain values, string-keyed maps and enums cannot fail.
+    serde_json::to_string(&Wire::Event(e)).unwrap_or_default()
 }
 
 /// What a new version of the source's cluster publishes: one re-list (`Reset`) the first time,
@@ -403,6 +416,32 @@ impl ClientFeed {
         }
     }
 
+    /// The next message if one is ready now, without waiting (a writer batches these before
+    /// flushing its socket once). `None` also after an overflow: [`ClientFeed::next`] resyncs.
+    pub fn try_next(&mut self) -> Option<Message> {
+        if self.lagged {
+            return None;
+        }
+        if let Some(m) = self.pending.pop_front() {
+            self.seq = m.seq;
+            return Some(m);
+        }
+        loop {
+            match self.deltas.try_recv() {
+                Ok(m) if m.seq <= self.seq => continue,
+                Ok(m) => {
+                    self.seq = m.seq;
+                    return Some(m);
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.lagged = true;
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// The sequence number of the last message handed out.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -418,7 +457,7 @@ impl Drop for ClientFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_engine::protocol::{Health, Mode, Sequenced};
+    use switchyard_engine::protocol::{Health, Mode};
 
     fn source() -> SourceInfo {
         SourceInfo { mode: Mode::Live, node: "n1".into(), backend: "none".into(), version: "test".into() }
@@ -437,6 +476,13 @@ mod tests {
             ServerMessage::Event(Sequenced { seq, .. }) => seq,
             ServerMessage::Snapshot(s) => panic!("a snapshot at {} where an event was expected", s.seq),
         }
+    }
+
+    /// The borrowed serialisation is the protocol's own.
+    #[test]
+    fn event_json_is_the_protocol_message() {
+        let e = Sequenced { seq: 7, time_ms: 9, event: health(7) };
+        assert_eq!(event_json(&e), ServerMessage::Event(e.clone()).to_json());
     }
 
     /// A new client gets the snapshot, then every later event in order.
@@ -487,6 +533,7 @@ mod tests {
         for n in 1..=100 {
             hub.publish_at(n, health(n));
         }
+        hub.snapshot().await.expect("hub");
         let mut got = Vec::new();
         while got.len() < 100 {
             got.push(seq_of(&feed.next().await.expect("event")));
@@ -499,6 +546,8 @@ mod tests {
         for n in 1..=50 {
             hub.publish_at(n, health(n));
         }
+        // Commands are handled in order: once this answers, all 50 were sent.
+        hub.snapshot().await.expect("hub");
         let m = feed.next().await.expect("message");
         assert!(m.snapshot && m.seq == 50, "{}", m.json.as_str());
     }

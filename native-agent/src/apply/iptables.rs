@@ -404,9 +404,7 @@ pub fn choose_variant(nft_mangle: &str, legacy_mangle: &str, nft_rules: usize, l
     let hinted = |save: &str| save.lines().any(|l| HINT_CHAINS.iter().any(|h| l.starts_with(h)));
     if hinted(nft_mangle) {
         Variant::NfTables
-    } else if hinted(legacy_mangle) {
-        Variant::Legacy
-    } else if legacy_rules > nft_rules {
+    } else if hinted(legacy_mangle) || legacy_rules > nft_rules {
         Variant::Legacy
     } else {
         Variant::NfTables
