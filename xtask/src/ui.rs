@@ -1,6 +1,8 @@
 //! The dashboard's share of `cargo xtask`: the pinned WebAssembly tools (Trunk, wasm-bindgen-cli)
-//! and a headless Chromium with its WebDriver, installed only when missing; clippy for wasm32 and
-//! the browser tests for `test`; `trunk build --release` for `demo`.
+//! and a headless Chromium with its WebDriver, installed only when missing; clippy for wasm32, the
+//! components' tests in the browser and the end-to-end WebDriver test (its own crate,
+//! `tests/browser`, left out of `cargo test --workspace` so that stays fast) for `test`;
+//! `trunk build --release` for `demo`.
 //!
 //! The versions are the ones that build offline with this toolchain (see TOOLCHAIN.md in the
 //! shared notes): trunk 0.22 needs a newer rustc, and wasm-bindgen-cli must equal the
@@ -81,6 +83,15 @@ pub fn test() -> Result<()> {
     c.args(["test", "-p", "switchyard-web", "--target", "wasm32-unknown-unknown", "--tests"])
         // The runner's default 20 s is tight on two busy cores; the demo test waits for flows.
         .env("WASM_BINDGEN_TEST_TIMEOUT", "300");
+    run(c)?;
+
+    step("end to end: headless Chromium against `switchyard demo` (screenshots in target/screenshots)");
+    build()?;
+    let mut c = cargo();
+    c.args(["build", "-p", "switchyard-agent", "--bin", "switchyard"]);
+    run(c)?;
+    let mut c = cargo();
+    c.args(["test", "-p", "switchyard-browser-tests"]).env("SWITCHYARD_E2E", "1");
     run(c)
 }
 
