@@ -96,7 +96,9 @@ fn agent(rate: u64, secs: u64) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let source = Scenario::source();
-        let hub = Hub::start(source, Default::default(), HubConfig::default());
+        // STREAM_LOAD_OWNER=task runs the hub's owner as a runtime task, for comparison.
+        let owner_thread = std::env::var("STREAM_LOAD_OWNER").map_or(true, |v| v != "task");
+        let hub = Hub::start(source, Default::default(), HubConfig { owner_thread, ..HubConfig::default() });
         let router = server::router(hub.clone(), Arc::new(Quiet), "node-1", ServerConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("LISTEN {}", listener.local_addr()?);

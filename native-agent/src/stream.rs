@@ -40,11 +40,13 @@ pub const CLIENT_QUEUE: usize = 4_096;
 pub struct HubConfig {
     pub journal: usize,
     pub client_queue: usize,
+    /// Run the owner on a thread of its own (the default) rather than as a task of the runtime.
+    pub owner_thread: bool,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
-        HubConfig { journal: JOURNAL_CAPACITY, client_queue: CLIENT_QUEUE }
+        HubConfig { journal: JOURNAL_CAPACITY, client_queue: CLIENT_QUEUE, owner_thread: true }
     }
 }
 
@@ -139,7 +141,11 @@ impl Hub {
         let stats = Arc::new(HubStats::default());
         let (generation_tx, generation) = watch::channel(0);
         let owner = Owner::new(StreamState::new(source, cluster), config, stats.clone(), generation_tx);
-        std::thread::spawn(move || owner.run(rx));
+        if config.owner_thread {
+            std::thread::spawn(move || owner.run(rx));
+        } else {
+            tokio::spawn(owner.run_async(rx));
+        }
         Hub { tx, stats, generation }
     }
 
@@ -230,6 +236,15 @@ impl Owner {
             cluster: None,
             generation,
             stats,
+        }
+    }
+
+    async fn run_async(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            if matches!(cmd, Command::Close) {
+                return;
+            }
+            self.handle(cmd);
         }
     }
 
@@ -508,7 +523,11 @@ mod tests {
     /// `since` inside the journal resumes exactly; outside it, a snapshot.
     #[tokio::test]
     async fn resume_or_snapshot() {
-        let hub = Hub::start(source(), Cluster::default(), HubConfig { journal: 5, client_queue: 16 });
+        let hub = Hub::start(
+            source(),
+            Cluster::default(),
+            HubConfig { journal: 5, client_queue: 16, ..HubConfig::default() },
+        );
         for n in 1..=8 {
             hub.publish_at(n, health(n));
         }
@@ -528,7 +547,11 @@ mod tests {
     /// duplicate, while the publisher never waited.
     #[tokio::test]
     async fn a_lagging_client_catches_up_without_gaps() {
-        let hub = Hub::start(source(), Cluster::default(), HubConfig { journal: 1_000, client_queue: 4 });
+        let hub = Hub::start(
+            source(),
+            Cluster::default(),
+            HubConfig { journal: 1_000, client_queue: 4, owner_thread: false },
+        );
         let mut feed = ClientFeed::open(&hub, Some(0)).await.expect("open");
         for n in 1..=100 {
             hub.publish_at(n, health(n));
@@ -541,7 +564,11 @@ mod tests {
         assert_eq!(got, (1..=100).collect::<Vec<_>>());
         assert!(hub.stats().resyncs.load(Ordering::Relaxed) >= 1);
         // Too far behind for the journal too: a snapshot.
-        let hub = Hub::start(source(), Cluster::default(), HubConfig { journal: 10, client_queue: 4 });
+        let hub = Hub::start(
+            source(),
+            Cluster::default(),
+            HubConfig { journal: 10, client_queue: 4, ..HubConfig::default() },
+        );
         let mut feed = ClientFeed::open(&hub, Some(0)).await.expect("open");
         for n in 1..=50 {
             hub.publish_at(n, health(n));

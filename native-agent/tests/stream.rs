@@ -194,7 +194,8 @@ impl Status for Quiet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_does_not_slow_a_fast_one() -> Result<()> {
     let source = SourceInfo { mode: Mode::Live, node: "n1".into(), backend: "none".into(), version: "t".into() };
-    let hub = Hub::start(source, Default::default(), HubConfig { journal: 50_000, client_queue: 64 });
+    let hub =
+        Hub::start(source, Default::default(), HubConfig { journal: 50_000, client_queue: 64, ..HubConfig::default() });
     let router = server::router(hub.clone(), Arc::new(Quiet), "n1", ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(localhost()).await?;
     let addr = listener.local_addr()?;
