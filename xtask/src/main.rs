@@ -5,8 +5,8 @@
 //!   `-D warnings`, the engine for `wasm32-unknown-unknown`, and `cargo test --workspace`.
 //!   The dashboard's checks (clippy on wasm32, its tests in headless Chromium) come from `ui`.
 //! - `cargo xtask demo`: builds the dashboard (`trunk build --release` into `dist/`) and the
-//!   release binary, and shows the built-in demo cluster: node-1's nftables program, and
-//!   textbook packets traced through it.
+//!   release binary, shows the built-in demo cluster (node-1's nftables program, and textbook
+//!   packets traced through it), then serves the dashboard with `switchyard demo`.
 //!
 //! Installs are idempotent: each checks first, so a second run costs seconds.
 
@@ -261,6 +261,7 @@ const PACKETS: [Packet; 5] = [
 ];
 
 fn demo() -> Result<()> {
+    install_rust_parts()?;
     ui::build()?;
     step("build (release)");
     let mut c = cargo();
@@ -288,7 +289,7 @@ fn demo() -> Result<()> {
     print!("{}", output(c)?);
 
     println!("\nMore: {} trace --help", bin.display());
-    Ok(())
+    ui::serve(&bin)
 }
 
 /// The program's shape (chains, maps, sets, elements) and its first lines.

@@ -29,6 +29,12 @@ fn has_version(tool: &str, version: &str) -> bool {
 
 /// Trunk, wasm-bindgen-cli, Chromium and chromedriver, each only when missing.
 pub fn install_tools() -> Result<()> {
+    install_build_tools()?;
+    install_browser()
+}
+
+/// What `trunk build` needs besides the wasm32 target.
+fn install_build_tools() -> Result<()> {
     if has_version("trunk", TRUNK) {
         println!("trunk {TRUNK}: present");
     } else {
@@ -44,6 +50,10 @@ pub fn install_tools() -> Result<()> {
         c.args(["install", "wasm-bindgen-cli", "--version", WASM_BINDGEN, "--force"]);
         run(c)?;
     }
+    Ok(())
+}
+
+fn install_browser() -> Result<()> {
     if on_path("chromedriver") && (on_path("chromium") || on_path("chromium-browser")) {
         println!("chromium and chromedriver: present");
         return Ok(());
@@ -97,6 +107,7 @@ pub fn test() -> Result<()> {
 
 /// `trunk build --release` at the workspace root; returns `dist/` and prints the wasm's size.
 pub fn build() -> Result<PathBuf> {
+    install_build_tools()?;
     step("the dashboard (trunk build --release)");
     let mut c = Command::new("trunk");
     c.current_dir(root()).args(["build", "--release"]);
@@ -111,6 +122,15 @@ pub fn build() -> Result<PathBuf> {
     let gz = gzip_size(&wasm).map(|n| format!(", {} KB gzipped", n / 1024)).unwrap_or_default();
     println!("dashboard: {} ({} KB{gz})", dist.display(), raw / 1024);
     Ok(dist)
+}
+
+/// Runs `switchyard demo` in the foreground: the dashboard and its live stream until Ctrl-C.
+pub fn serve(bin: &std::path::Path) -> Result<()> {
+    step("the dashboard: switchyard demo, on http://127.0.0.1:10260/ (Ctrl-C stops it)");
+    println!("open http://127.0.0.1:10260/ ; with ?demo the page runs the scenario by itself, no server");
+    let mut c = Command::new(bin);
+    c.current_dir(root()).arg("demo");
+    run(c)
 }
 
 /// The size `gzip -9` makes of a file, when gzip is there.

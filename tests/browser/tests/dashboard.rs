@@ -71,7 +71,7 @@ async fn browser(driver_port: u16) -> Result<Client> {
     let caps = json!({
         "goog:chromeOptions": {
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1500,1000", "--hide-scrollbars", "--no-first-run",
+                     "--window-size=1500,1150", "--hide-scrollbars", "--no-first-run",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync"]
         }
     });
@@ -243,6 +243,24 @@ async fn the_dashboard_end_to_end() -> Result<()> {
         })
         .await?;
         screenshot(c, &format!("flows-{}", kind.to_lowercase())).await?;
+        if kind == "NodePort" {
+            // Stepped to the end: the whole picture, DNAT, masquerade and the reply's un-NAT.
+            let steps: usize = c
+                .find(Locator::Css("[data-testid=diagram]"))
+                .await?
+                .attr("data-steps")
+                .await?
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or(0);
+            for _ in 0..steps {
+                c.find(Locator::Css("[data-testid=step-forward]")).await?.click().await?;
+            }
+            let svg = text(c, "svg.seq").await?;
+            assert!(svg.contains("dnat to") && svg.contains("conntrack reverses"), "{svg}");
+            c.execute("window.scrollTo(0, 0)", vec![]).await?;
+            screenshot(c, "flows-nodeport-complete").await?;
+        }
     }
     screenshot(c, "flows").await?;
 
