@@ -1,0 +1,3 @@
+//! Test helpers shared by the agent's integration tests.
+
+pub mod apiserver;
