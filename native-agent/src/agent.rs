@@ -1,7 +1,8 @@
-//! `switchyard agent`: keeps one node's kernel in step with a manifests folder, as kube-proxy keeps
-//! it in step with the API server, and serves `/metrics` and `/healthz`.
+//! `switchyard agent`: keeps one node's kernel in step with a manifests folder or an API server,
+//! as kube-proxy does, and serves `/metrics` and `/healthz`.
 //!
-//! The pieces: [`crate::source::ManifestSource`] (re-read when `notify` reports a change),
+//! The pieces: an [`AgentSource`] ([`crate::source::ManifestSource`], re-read when `notify`
+//! reports a change, or [`crate::kube::KubeSource`], which watches the API server),
 //! [`crate::sync::State`] (the pure loop; this module only carries out its actions and feeds it
 //! the clock), a [`Kernel`] per backend over the appliers of [`crate::apply`], and an axum server.
 //! [`run`] takes its listener and shutdown signal as arguments so tests can bind port 0 and stop
@@ -53,8 +54,7 @@ impl BackendChoice {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
-    /// The manifests folder (`--cluster`).
-    pub manifests: PathBuf,
+    pub source: AgentSource,
     pub backend: BackendChoice,
     /// Run the kernel tools inside this network namespace (`ip netns exec`), for tests.
     pub netns: Option<String>,
@@ -63,9 +63,21 @@ pub struct AgentConfig {
     pub flows: bool,
 }
 
+/// Where the cluster comes from.
+#[derive(Debug, Clone)]
+pub enum AgentSource {
+    /// A manifests folder, watched for changes (`--cluster`).
+    Manifests(PathBuf),
+    /// An API server (`--kubeconfig`, `--in-cluster`), with the proxy configuration that
+    /// kube-proxy would read from its `--config` file.
+    Kube { connect: crate::kube::Connect, config: switchyard_engine::model::ProxyConfig },
+}
+
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
     #[error("cannot watch {}: {source}", path.display())]
     Watch {
         path: PathBuf,
@@ -202,22 +214,11 @@ pub async fn run_with(
             .await
     });
 
-    // notify calls back on its own thread; a full channel already means "reload".
-    let (tx, mut changed) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.as_ref().map_or(true, changes_content) {
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
-    watcher
-        .watch(&cfg.manifests, notify::RecursiveMode::Recursive)
-        .map_err(|source| AgentError::Watch { path: cfg.manifests.clone(), source })?;
-
+    let mut feed = Feed::start(&cfg).await?;
     let observer = start_flows(&cfg, &hub, &shared);
-    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, observer.as_ref(), &mut changed, shutdown).await;
+    let result = sync_loop(&cfg, plan_backend, kernel, &shared, &hub, observer.as_ref(), &mut feed, shutdown).await;
     drop(observer);
-    drop(watcher);
+    drop(feed);
     // Streams end first (they would hold the graceful shutdown open), with a close frame.
     hub.close();
     let _ = stop_http.send(());
@@ -239,19 +240,17 @@ async fn sync_loop(
     shared: &Shared,
     hub: &Hub,
     flows: Option<&conntrack::Observer>,
-    changed: &mut mpsc::Receiver<()>,
+    feed: &mut Feed,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let origin = Instant::now();
     let mut publisher = Publisher::new(&cfg.node, cfg.backend.as_str());
     hub.publish(Event::Health(protocol::Health { healthy: true, message: "starting".into() }));
     let mut state = State::new(cfg.node.clone(), backend, cfg.backoff);
-    let mut source = ManifestSource::new(cfg.manifests.clone());
     let mut deadline: Option<Instant> = None;
     tokio::pin!(shutdown);
 
-    let mut errors = Vec::new();
-    let mut input = Some(reload(&mut source, origin, true, &mut errors));
+    let mut input = feed.first(origin);
     loop {
         let mut step_started = Instant::now();
         let mut actions: VecDeque<Action> = match input.take() {
@@ -334,8 +333,7 @@ async fn sync_loop(
                 eprintln!("switchyard: stopping; the rules stay in place");
                 return Ok(());
             }
-            Some(()) = changed.recv() => {
-                let i = reload(&mut source, origin, false, &mut errors);
+            Some(i) = feed.next(origin) => {
                 if matches!(i, Input::Cluster { .. }) {
                     shared.metrics.queued();
                 }
@@ -436,6 +434,74 @@ fn source_info(cfg: &AgentConfig) -> SourceInfo {
         node: cfg.node.clone(),
         backend: cfg.backend.as_str().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// An [`AgentSource`] at work, as the sync loop sees it: inputs.
+enum Feed {
+    Manifests {
+        source: ManifestSource,
+        changed: mpsc::Receiver<()>,
+        errors: Vec<String>,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kube(crate::kube::KubeSource),
+}
+
+impl Feed {
+    async fn start(cfg: &AgentConfig) -> Result<Feed, AgentError> {
+        let path = match &cfg.source {
+            AgentSource::Manifests(path) => path.clone(),
+            AgentSource::Kube { connect, config } => {
+                let client = crate::kube::client(connect).await?;
+                eprintln!("switchyard: watching Services, EndpointSlices and Nodes on the API server");
+                return Ok(Feed::Kube(crate::kube::KubeSource::start(client, config.clone(), cfg.backoff)));
+            }
+        };
+        // notify calls back on its own thread; a full channel already means "reload".
+        let (tx, changed) = mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.as_ref().map_or(true, changes_content) {
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(|source| AgentError::Watch { path: path.clone(), source })?;
+        watcher
+            .watch(&path, notify::RecursiveMode::Recursive)
+            .map_err(|source| AgentError::Watch { path: path.clone(), source })?;
+        Ok(Feed::Manifests { source: ManifestSource::new(path), changed, errors: Vec::new(), _watcher: watcher })
+    }
+
+    /// The first input: the folder as it is now; nothing yet from an API server (the first
+    /// cluster comes once every kind is listed, not an empty one that would flush the rules).
+    fn first(&mut self, origin: Instant) -> Option<Input> {
+        match self {
+            Feed::Manifests { source, errors, .. } => Some(reload(source, origin, true, errors)),
+            Feed::Kube(_) => None,
+        }
+    }
+
+    /// The next input (cancel-safe: the loop selects on it).
+    async fn next(&mut self, origin: Instant) -> Option<Input> {
+        match self {
+            Feed::Manifests { source, changed, errors, .. } => {
+                changed.recv().await?;
+                Some(reload(source, origin, false, errors))
+            }
+            Feed::Kube(source) => loop {
+                match source.next().await? {
+                    crate::kube::Update::Cluster { cluster, changes } => {
+                        return Some(Input::Cluster { now: origin.elapsed(), cluster, changes });
+                    }
+                    crate::kube::Update::Invalid(e) => {
+                        eprintln!("switchyard: {e}; skipped (its last good version stays)");
+                    }
+                    crate::kube::Update::WatchFailed { kind, message } => {
+                        eprintln!("switchyard: watching {}s: {message}; retrying", kind.as_str());
+                    }
+                }
+            },
+        }
     }
 }
 

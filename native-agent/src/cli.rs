@@ -36,8 +36,8 @@ pub enum Command {
     /// IPVS views of a node's program.
     #[command(subcommand)]
     Ipvs(IpvsCommand),
-    /// Keep this node's kernel in step with a manifests folder; serve the dashboard, its event
-    /// stream, traces, /metrics and /healthz.
+    /// Keep this node's kernel in step with a manifests folder or an API server; serve the
+    /// dashboard, its event stream, traces, /metrics and /healthz.
     Agent(AgentArgs),
     /// A small cluster of network namespaces on this machine, one agent per node (root only).
     #[command(subcommand)]
@@ -96,6 +96,9 @@ pub struct LabUpArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+// Exactly one source; the other arguments stay out of the group (derived groups take every field).
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("agent_source").required(true).args(["cluster", "kubeconfig", "in_cluster"])))]
 pub struct AgentArgs {
     /// The node this agent programs.
     #[arg(long)]
@@ -103,7 +106,17 @@ pub struct AgentArgs {
     /// A folder of Kubernetes objects (read recursively: *.yaml, *.yml, *.json), watched for
     /// changes.
     #[arg(long, value_name = "DIR")]
-    pub cluster: PathBuf,
+    pub cluster: Option<PathBuf>,
+    /// Watch the API server named by this kubeconfig file (its current context).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch the API server this pod runs under (its service account).
+    #[arg(long)]
+    pub in_cluster: bool,
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) for the API server source,
+    /// as kube-proxy's --config; a manifests folder carries its own.
+    #[arg(long, value_name = "FILE", conflicts_with = "cluster")]
+    pub config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = AgentBackendArg::Nftables)]
     pub backend: AgentBackendArg,
     /// Where the dashboard, /api/v1/events, /api/v1/snapshot, /api/v1/trace, /metrics and
@@ -277,6 +290,9 @@ pub enum Error {
     Output(#[source] io::Error),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    /// `--config` is unreadable.
+    #[error(transparent)]
+    Config(#[from] crate::kube::KubeError),
     #[error(transparent)]
     Lab(#[from] crate::lab::LabError),
     /// Serving beyond this machine without a token.
@@ -300,7 +316,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         use switchyard_engine::Error as E;
         match self {
-            Error::Load(_) | Error::Program { .. } | Error::ReadProgram { .. } => 2,
+            Error::Load(_) | Error::Program { .. } | Error::ReadProgram { .. } | Error::Config(_) => 2,
             Error::NeedsToken(_) | Error::TokenFile { .. } | Error::EmptyToken(_) => 2,
             Error::Engine(E::UnknownNode(_) | E::UnknownName(_) | E::NoAddress { .. } | E::FamilyMismatch { .. }) => 2,
             _ => 1,
@@ -445,10 +461,18 @@ fn agent(a: AgentArgs) -> Result<(), Error> {
         AgentBackendArg::None => BackendChoice::None,
         AgentBackendArg::Ipvs => return Err(Error::Unavailable("the agent's ipvs backend")),
     };
+    let source = match (a.cluster, a.kubeconfig) {
+        (Some(dir), _) => agent::AgentSource::Manifests(dir),
+        (None, file) => {
+            let config = a.config.as_deref().map(crate::kube::read_proxy_config).transpose()?.unwrap_or_default();
+            let connect = file.map_or(crate::kube::Connect::InCluster, crate::kube::Connect::Kubeconfig);
+            agent::AgentSource::Kube { connect, config }
+        }
+    };
     let opts = agent::ServeOptions { server: server_config(a.listen, &a.serve)?, ..agent::ServeOptions::default() };
     let cfg = AgentConfig {
         node: a.node,
-        manifests: a.cluster,
+        source,
         backend,
         netns: None,
         backoff: crate::sync::Backoff::default(),
@@ -686,13 +710,40 @@ mod tests {
     fn agent_arguments_and_defaults() {
         let cli = parse(&["agent", "--node", "n1", "--cluster", "dir"]).expect("parses");
         let Command::Agent(a) = cli.command else { panic!("not agent") };
-        assert_eq!((a.node.as_str(), a.cluster.as_path()), ("n1", Path::new("dir")));
+        assert_eq!((a.node.as_str(), a.cluster.as_deref()), ("n1", Some(Path::new("dir"))));
         assert_eq!(a.backend, AgentBackendArg::Nftables);
         assert_eq!(a.listen, "127.0.0.1:10260".parse().expect("addr"));
         let cli = parse(&["agent", "--node", "n1", "--cluster", "dir", "--backend", "ipvs"]).expect("parses");
         let e = run(cli, &mut Vec::new(), &mut Vec::new()).expect_err("ipvs is not in the agent yet");
         assert_eq!(e.exit_code(), 1);
         assert!(parse(&["agent", "--node", "n1", "--cluster", "d", "--backend", "bpf"]).is_err());
+    }
+
+    /// Exactly one source: a folder, a kubeconfig or the pod's own account; `--config` goes with
+    /// the API server sources only.
+    #[test]
+    fn agent_sources() {
+        let cli = parse(&["agent", "--node", "n1", "--kubeconfig", "k", "--config", "c"]).expect("parses");
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!((a.kubeconfig.as_deref(), a.config.as_deref()), (Some(Path::new("k")), Some(Path::new("c"))));
+        let cli = parse(&["agent", "--node", "n1", "--in-cluster"]).expect("parses");
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert!(a.in_cluster && a.cluster.is_none());
+        for args in [
+            &["agent", "--node", "n1"][..],
+            &["agent", "--node", "n1", "--cluster", "d", "--kubeconfig", "k"],
+            &["agent", "--node", "n1", "--in-cluster", "--kubeconfig", "k"],
+            &["agent", "--node", "n1", "--cluster", "d", "--config", "c"],
+        ] {
+            let e = parse(args).expect_err(&format!("{args:?} should fail"));
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+        // An unreadable --config is bad input, before anything starts.
+        let cli = parse(&["agent", "--node", "n1", "--in-cluster", "--config", "/nonexistent/kube-proxy.yaml"])
+            .expect("parses");
+        let e = run(cli, &mut Vec::new(), &mut Vec::new()).expect_err("no such file");
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("/nonexistent/kube-proxy.yaml"), "{e}");
     }
 
     /// `--to` takes IPv6 in brackets and DNS names with ports.

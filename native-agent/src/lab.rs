@@ -306,7 +306,7 @@ impl Lab {
     fn spawn_agent(&self, n: &LabNode) -> Result<agent::Running> {
         let cfg = AgentConfig {
             node: n.name.clone(),
-            manifests: self.manifests.clone(),
+            source: agent::AgentSource::Manifests(self.manifests.clone()),
             backend: self.backend,
             netns: Some(n.netns.clone()),
             backoff: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(2) },

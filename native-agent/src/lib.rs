@@ -6,6 +6,7 @@
 //! - [`cli`] defines the `switchyard` command line (clap) and runs `render`, `trace` and `agent`;
 //! - [`source`] watches a manifests folder; [`sync`] is the sync loop's pure state machine;
 //!   [`agent`] runs them with the appliers under tokio and serves [`metrics`] and health;
+//! - [`kube`] watches an API server (Services, EndpointSlices, Nodes) as the other source;
 //! - [`conntrack`] turns the node's real connections into flow events, explained by the tracer;
 //! - [`lab`] builds a small cluster of network namespaces on one machine, one agent per node.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod conntrack;
 pub mod demo;
 pub mod healthcheck;
+pub mod kube;
 pub mod lab;
 pub mod load;
 pub mod metrics;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::{SinkExt, StreamExt};
-use switchyard_agent::agent::{self, AgentConfig, BackendChoice, ServeOptions};
+use switchyard_agent::agent::{self, AgentConfig, AgentSource, BackendChoice, ServeOptions};
 use switchyard_agent::demo::{self, DemoConfig};
 use switchyard_agent::healthcheck::Bind;
 use switchyard_agent::server::{self, ServerConfig, Status};
@@ -471,7 +471,7 @@ fn health_check_node_port_follows_local_endpoints() {
     folder.write("shop.yaml", &lb(port, &[("10.244.0.5", "n1", true), ("10.244.1.5", "n2", true)]));
     let cfg = AgentConfig {
         node: "n1".into(),
-        manifests: folder.path().to_path_buf(),
+        source: AgentSource::Manifests(folder.path().to_path_buf()),
         backend: BackendChoice::None,
         netns: None,
         backoff: Backoff::default(),

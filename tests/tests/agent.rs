@@ -90,7 +90,7 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 fn config(ns: &Netns, folder: &Folder, backend: BackendChoice) -> AgentConfig {
     AgentConfig {
         node: "n1".into(),
-        manifests: folder.path().to_path_buf(),
+        source: agent::AgentSource::Manifests(folder.path().to_path_buf()),
         backend,
         netns: Some(ns.name().to_string()),
         backoff: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(2) },
@@ -207,7 +207,7 @@ fn failing_syncs_make_the_agent_unhealthy() {
     folder.write("web.yaml", &web("10.244.0.5"));
     let cfg = AgentConfig {
         node: "n1".into(),
-        manifests: folder.path().to_path_buf(),
+        source: agent::AgentSource::Manifests(folder.path().to_path_buf()),
         backend: BackendChoice::Nftables,
         netns: Some(format!("sy-t-absent-{}", std::process::id())),
         backoff: Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },

@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's two entry points, so a fresh machine needs nothing but Rust.
 //!
 //! - `cargo xtask test`: installs what is missing (kernel tools, the wasm32 target, rustfmt and
-//!   clippy), then runs the checks CI runs, stopping at the first failure: rustfmt, clippy with
-//!   `-D warnings`, the engine for `wasm32-unknown-unknown`, and `cargo test --workspace`.
+//!   clippy, the Kubernetes schema validator), then runs the checks CI runs, stopping at the
+//!   first failure: rustfmt, clippy with `-D warnings`, the engine for `wasm32-unknown-unknown`,
+//!   and `cargo test --workspace`.
 //!   The dashboard's checks (clippy on wasm32, its tests in headless Chromium) come from `ui`.
 //! - `cargo xtask demo`: builds the dashboard (`trunk build --release` into `dist/`) and the
 //!   release binary, shows the built-in demo cluster (node-1's nftables program, and textbook
@@ -109,6 +110,7 @@ fn test() -> Result<()> {
     install_apt_packages()?;
     install_rust_parts()?;
     ui::install_tools()?;
+    install_schema_validator()?;
 
     step("rustfmt");
     let mut c = cargo();
@@ -181,6 +183,32 @@ fn install_rust_parts() -> Result<()> {
     }
     println!("rust: wasm32-unknown-unknown, rustfmt and clippy present");
     Ok(())
+}
+
+/// The Kubernetes schema validator the deploy/ manifests test uses (`kubernetes-validate` from
+/// PyPI: it ships the JSON schemas, so validating needs no network).
+const SCHEMA_VALIDATOR: &str = "kubernetes-validate==1.37.0";
+
+fn install_schema_validator() -> Result<()> {
+    let mut c = Command::new("python3");
+    c.args(["-m", "kubernetes_validate", "--version"]).stderr(Stdio::null());
+    let want = SCHEMA_VALIDATOR.rsplit("==").next().unwrap_or_default();
+    if c.output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == want) {
+        println!("kubernetes-validate {want}: present");
+        return Ok(());
+    }
+    if !on_path("python3") {
+        bail!("python3 is needed for the manifests' schema test (apt-get install python3-pip)");
+    }
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", SCHEMA_VALIDATOR]);
+    if run(pip).is_ok() {
+        return Ok(());
+    }
+    // Debian's own Python refuses pip installs outside a venv (PEP 668) unless told.
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "--break-system-packages", SCHEMA_VALIDATOR]);
+    run(pip)
 }
 
 /// `cargo test --workspace`, echoing everything, then cargo's summary lines with their totals.
