@@ -516,6 +516,7 @@ impl App {
                             if let Some((row, d)) = diagram {
                                 <div class="flow-head">
                                     <span class={classes!("kind", format!("k-{}", views::kind_label(row.flow.destination).to_lowercase()))}>{ views::kind_label(row.flow.destination) }</span>
+                                    { views::hairpin_badge(&row.flow) }
                                     <span>{ views::flow_summary(&row.flow) }</span>
                                     <span class="muted small">{ format!("flow {} · {} via {}", row.flow.id, row.flow.protocol.as_str(), row.flow.node) }</span>
                                 </div>

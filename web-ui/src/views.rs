@@ -259,6 +259,20 @@ pub fn kind_label(k: DestinationKind) -> &'static str {
     k.as_str()
 }
 
+/// A pod that reached itself through its own Service: the reply must be masqueraded or the pod
+/// would answer itself directly and the connection would break.
+pub fn is_hairpin(f: &FlowEvent) -> bool {
+    f.endpoint.is_some_and(|e| e.ip == f.src.ip)
+}
+
+pub fn hairpin_badge(f: &FlowEvent) -> Html {
+    if is_hairpin(f) {
+        html! { <span class="kind k-hairpin" title="the pod reached itself through its Service">{"hairpin"}</span> }
+    } else {
+        html! {}
+    }
+}
+
 /// One line about a flow, for the list.
 pub fn flow_summary(f: &FlowEvent) -> String {
     let to = match &f.name {
@@ -312,6 +326,7 @@ pub fn flow_list(m: &Model, rows: &[FlowRow], cb: &FlowCallbacks) -> Html {
                             <button class={classes!("flow-row", (Some(seq) == selected).then_some("selected"))} data-kind={kind_label(f.destination)}
                                     onclick={move |_| cbs.emit(seq)} aria-current={(Some(seq) == selected).then_some("true")}>
                                 <span class={classes!("kind", format!("k-{}", kind_label(f.destination).to_lowercase()))}>{ kind_label(f.destination) }</span>
+                                { hairpin_badge(f) }
                                 <span class={classes!("verdict", format!("verdict-{}", f.verdict.as_str()))}>{ f.verdict.as_str() }</span>
                                 if r.closed { <span class="muted small">{"closed"}</span> }
                                 <span class="time muted">{ format!("{:.1}s", r.time_ms as f64 / 1000.0) }</span>

@@ -311,3 +311,38 @@ async fn keyboard_switches_views_and_the_theme_toggle_sets_the_attribute() {
     settle().await;
     assert_ne!(html.get_attribute("data-theme"), before);
 }
+
+/// Pasted YAML: a problem names the file, the document and the field; a good file becomes the
+/// cluster the views show.
+#[wasm_bindgen_test]
+async fn pasted_yaml_is_explored_offline_and_its_problems_are_located() {
+    let root = app(demo_snapshot(), View::Flows);
+    settle().await;
+    click(&root, "[data-testid=open-loader]");
+    settle().await;
+    let area: web_sys::HtmlTextAreaElement = one(&root, "[data-testid=loader-text]").dyn_into().expect("textarea");
+    let paste = |text: &str| {
+        area.set_value(text);
+        area.dispatch_event(&web_sys::InputEvent::new("input").expect("event")).expect("dispatch");
+    };
+    paste(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports: [{port: notaport}]\n",
+    );
+    settle().await;
+    click(&root, "[data-testid=loader-load]");
+    settle().await;
+    let problems = text(&one(&root, "[data-testid=loader-problems]"));
+    assert!(problems.contains("pasted.yaml: document 1"), "{problems}");
+    assert!(problems.contains("spec.ports[0].port"), "{problems}");
+
+    let yaml = "apiVersion: v1\nkind: Node\nmetadata: {name: worker-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.16.0.5}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.0.0.80\n  ports: [{port: 80, targetPort: 8080}]\n";
+    paste(yaml);
+    settle().await;
+    click(&root, "[data-testid=loader-load]");
+    settle().await;
+    assert!(text(&one(&root, "[data-testid=mode]")).contains("offline: pasted.yaml"));
+    let nodes = text(&one(&root, "[data-testid=nodes]"));
+    assert!(nodes.contains("worker-a") && nodes.contains("172.16.0.5"), "{nodes}");
+    assert!(text(&root).contains("shop/web"));
+    assert!(root.query_selector("[data-testid=loader]").expect("selector").is_none(), "the loader closes");
+}
