@@ -16,7 +16,7 @@
 //! the path; anything else is a step of the node's kernel program (`prerouting nat`, ...), whose
 //! `action` says what it did (`dnat to ...`, `mark for masquerade`, `masquerade ...`, `reject`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -308,6 +308,111 @@ impl DiagramContext {
                 }
             }
         }
+        DiagramContext { destination: Some(destination), service, client: Some(client), node_ips, every_rule: false }
+    }
+}
+
+/// A cluster indexed so that [`ClusterIndex::context`] finds by lookups what
+/// [`DiagramContext::from_cluster`] finds by scanning every service and endpoint: the agent
+/// explains every connection of a busy node against one cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterIndex {
+    /// Node → its address shown in diagrams, for IPv4 and IPv6 sources.
+    node_ips: [BTreeMap<String, IpAddr>; 2],
+    node_by_ip: HashMap<IpAddr, String>,
+    /// Endpoint address → (pod, node), the first endpoint with that address.
+    endpoints: HashMap<IpAddr, (Option<String>, Option<String>)>,
+    pod_cidrs: Vec<(ipnet::IpNet, String)>,
+    /// Address → (service order, kind, service), the first proxied service using it.
+    by_ip: HashMap<IpAddr, (usize, DestinationKind, ObjectKey)>,
+    node_ports: HashMap<u16, (usize, ObjectKey)>,
+    health_ports: HashMap<u16, (usize, ObjectKey)>,
+}
+
+impl ClusterIndex {
+    pub fn new(cluster: &Cluster) -> Self {
+        let mut ix = ClusterIndex::default();
+        for (f, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
+            ix.node_ips[f] = cluster
+                .nodes
+                .values()
+                .filter_map(|n| {
+                    n.primary_ip(family).or_else(|| n.ips().first().copied()).map(|ip| (n.name.clone(), ip))
+                })
+                .collect();
+        }
+        for n in cluster.nodes.values() {
+            for ip in n.ips() {
+                ix.node_by_ip.entry(ip).or_insert_with(|| n.name.clone());
+            }
+            ix.pod_cidrs.extend(n.pod_cidrs.iter().map(|c| (*c, n.name.clone())));
+        }
+        for e in cluster.endpoint_slices.values().flat_map(|s| &s.endpoints) {
+            ix.endpoints.entry(e.address).or_insert_with(|| (e.target.clone(), e.node_name.clone()));
+        }
+        // In the order `from_cluster` tries them: services in order, and within one service a
+        // load-balancer IP before an external IP, a cluster IP, a NodePort, a health check port.
+        for (i, s) in cluster.services.values().filter(|s| s.is_proxied()).enumerate() {
+            let by_ip = s
+                .load_balancer_ips()
+                .map(|ip| (ip, DestinationKind::LoadBalancer))
+                .chain(s.external_ips.iter().map(|ip| (*ip, DestinationKind::ExternalIp)))
+                .chain(s.cluster_ips.iter().map(|ip| (*ip, DestinationKind::ClusterIp)));
+            for (ip, kind) in by_ip {
+                ix.by_ip.entry(ip).or_insert_with(|| (i, kind, s.key.clone()));
+            }
+            if s.service_type != ServiceType::ClusterIP {
+                for np in s.ports.iter().filter_map(|p| p.node_port) {
+                    ix.node_ports.entry(np).or_insert_with(|| (i, s.key.clone()));
+                }
+            }
+            if let Some(h) = s.health_check_node_port {
+                ix.health_ports.entry(h).or_insert_with(|| (i, s.key.clone()));
+            }
+        }
+        ix
+    }
+
+    /// What [`DiagramContext::from_cluster`] says of `trace`, for the cluster indexed.
+    pub fn context(&self, trace: &Trace) -> DiagramContext {
+        let family = IpFamily::of(&trace.packet.src);
+        let node_ips = self.node_ips[usize::from(family == IpFamily::V6)].clone();
+        let src = trace.packet.src;
+        let client = if let Some(n) = self.node_by_ip.get(&src) {
+            ClientKind::Node { name: n.clone() }
+        } else if let Some((pod, node)) = self.endpoints.get(&src) {
+            ClientKind::Pod { name: pod.clone(), node: node.clone() }
+        } else if let Some((_, n)) = self.pod_cidrs.iter().find(|(c, _)| c.contains(&src)) {
+            ClientKind::Pod { name: None, node: Some(n.clone()) }
+        } else {
+            ClientKind::External
+        };
+        let (dst, port) = (trace.packet.dst, trace.packet.dst_port);
+        let (destination, service) = if let Some(r) = &trace.dns
+            && matches!(r.answer, Answer::Cname { .. })
+        {
+            (DestinationKind::ExternalName, Some(r.service.clone()))
+        } else {
+            let dst_is_node = self.node_by_ip.contains_key(&dst);
+            let mut best: Option<(usize, DestinationKind, &ObjectKey)> =
+                self.by_ip.get(&dst).map(|(i, k, s)| (*i, *k, s));
+            let by_port = [
+                (self.node_ports.get(&port), DestinationKind::NodePort),
+                (self.health_ports.get(&port), DestinationKind::HealthCheckNodePort),
+            ];
+            for (hit, kind) in by_port {
+                if let Some((i, s)) = hit
+                    && dst_is_node
+                    && best.is_none_or(|(b, ..)| *i < b)
+                {
+                    best = Some((*i, kind, s));
+                }
+            }
+            match best {
+                Some((_, kind, s)) => (kind, Some(s.clone())),
+                None => (DestinationKind::Other, None),
+            }
+        };
         DiagramContext { destination: Some(destination), service, client: Some(client), node_ips, every_rule: false }
     }
 }
@@ -673,12 +778,23 @@ pub struct Observed {
 /// (`agrees`). The caller sets `id`, `state`, `origin` and `name`; `src` and `dst` are the
 /// trace's packet.
 pub fn explain(cluster: &Cluster, trace: Trace, observed: Option<Observed>) -> crate::protocol::FlowEvent {
-    use crate::protocol::{FlowEvent, FlowOrigin, FlowState};
     let ctx = DiagramContext::from_cluster(cluster, &trace);
-    let diagram = diagram(&trace, &ctx);
+    explain_in(&ctx, trace, observed, true)
+}
+
+/// [`explain`] with the context already found (see [`ClusterIndex::context`]); the diagram only
+/// when `draw` (it is most of the cost).
+pub fn explain_in(
+    ctx: &DiagramContext,
+    trace: Trace,
+    observed: Option<Observed>,
+    draw: bool,
+) -> crate::protocol::FlowEvent {
+    use crate::protocol::{FlowEvent, FlowOrigin, FlowState};
+    let diagram = draw.then(|| diagram(&trace, ctx));
     let p = trace.packet;
     // The node's own traffic masqueraded to the address it already had looks unmasqueraded.
-    let from_node = cluster.nodes.get(&trace.node).is_some_and(|n| n.ips().contains(&p.src));
+    let from_node = matches!(&ctx.client, Some(ClientKind::Node { name }) if *name == trace.node);
     let agrees = observed.map(|ob| {
         trace
             .outcomes
@@ -695,13 +811,13 @@ pub fn explain(cluster: &Cluster, trace: Trace, observed: Option<Observed>) -> c
         dst: SocketAddr { ip: p.dst, port: p.dst_port },
         name: None,
         destination: ctx.destination.unwrap_or(DestinationKind::Other),
-        service: ctx.service,
+        service: ctx.service.clone(),
         verdict: trace.verdict,
         endpoint: observed.map(|o| o.endpoint),
         masquerade: observed.map(|o| o.masquerade),
         agrees,
         outcomes: trace.outcomes,
-        diagram: Some(diagram),
+        diagram,
     }
 }
 
@@ -1056,6 +1172,61 @@ mod tests {
     use crate::dns::Resolution;
     use crate::model::Protocol;
     use crate::trace::{Outcome, Packet};
+
+    /// The index finds what the scan finds: every sample packet of the demo on every node, and
+    /// packets to every kind of frontend of a synthetic cluster.
+    #[test]
+    fn cluster_index_agrees_with_from_cluster() {
+        let check = |c: &Cluster, traces: Vec<Trace>| {
+            let ix = ClusterIndex::new(c);
+            assert!(!traces.is_empty());
+            for t in traces {
+                assert_eq!(ix.context(&t), DiagramContext::from_cluster(c, &t), "{:?}", t.packet);
+            }
+        };
+        let demo = crate::demo::cluster();
+        let mut traces = Vec::new();
+        for (_, _, from, to, protocol) in crate::demo::sample_packets() {
+            for node in demo.nodes.keys() {
+                let req = crate::TraceRequest {
+                    node: node.clone(),
+                    backend: crate::policy::Backend::Nftables,
+                    program: None,
+                    from,
+                    to: to.parse().unwrap(),
+                    protocol,
+                    seed: 3,
+                };
+                traces.extend(crate::trace(&demo, &req).ok());
+            }
+        }
+        check(&demo, traces);
+        let synthetic = crate::synthetic::cluster(40, 3);
+        let mut traces = Vec::new();
+        let sources: Vec<IpAddr> =
+            ["10.1.0.7", "192.168.0.1", "198.51.100.9"].iter().map(|a| a.parse().unwrap()).collect();
+        for s in synthetic.services.values() {
+            let mut dsts: Vec<(IpAddr, u16)> = s.cluster_ips.iter().map(|ip| (*ip, s.ports[0].port)).collect();
+            dsts.extend(s.load_balancer_ips().map(|ip| (ip, s.ports[0].port)));
+            dsts.extend(s.ports.iter().filter_map(|p| p.node_port).map(|np| ("192.168.0.2".parse().unwrap(), np)));
+            dsts.extend(s.health_check_node_port.map(|h| ("192.168.0.3".parse().unwrap(), h)));
+            for (dst, dst_port) in dsts {
+                for src in &sources {
+                    let packet = Packet { src: *src, src_port: 40_000, dst, dst_port, protocol: Protocol::Tcp };
+                    traces.push(Trace {
+                        verdict: Verdict::NoMatch,
+                        outcomes: vec![],
+                        hops: vec![],
+                        packet,
+                        node: "node-a".into(),
+                        backend: "nftables".into(),
+                        dns: None,
+                    });
+                }
+            }
+        }
+        check(&synthetic, traces);
+    }
 
     /// Every endpoint the tracer predicts for nginx-svc can be drawn as the observed path, and
     /// `explain` agrees exactly with the outcomes: the right endpoint with the wrong masquerade

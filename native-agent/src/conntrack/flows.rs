@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use switchyard_engine::Tracer;
 use switchyard_engine::cluster::Cluster;
-use switchyard_engine::flow::{self, Observed};
+use switchyard_engine::flow::{self, ClusterIndex, Observed};
 use switchyard_engine::model::Protocol;
 use switchyard_engine::policy::{Backend, NodePlan, NodePortAddresses};
 use switchyard_engine::protocol::{FlowEvent, FlowOrigin, FlowState};
@@ -119,6 +119,8 @@ struct Prepared {
     view: Arc<View>,
     /// Parsed at the first connection to a frontend; an error is kept, not retried per flow.
     tracer: Option<Result<Tracer, String>>,
+    /// Built with the tracer: what each flow's Service and client are, without scanning.
+    index: Option<ClusterIndex>,
     frontends: Frontends,
 }
 
@@ -178,7 +180,7 @@ impl Flows {
                 }
                 let frontends = Frontends::of(&v.plan, &v.cluster);
                 // Parsed lazily: a node without Service traffic never pays for it.
-                self.prepared = Some(Prepared { view: v, tracer: None, frontends });
+                self.prepared = Some(Prepared { view: v, tracer: None, index: None, frontends });
             }
             Input::Overflow => {
                 self.stats.overflows += 1;
@@ -231,6 +233,7 @@ impl Flows {
             self.stats.unexplained += 1;
             return;
         };
+        let index = p.index.get_or_insert_with(|| ClusterIndex::new(&p.view.cluster));
         let packet =
             Packet { src: c.orig.src, src_port: c.orig.src_port, dst: c.orig.dst, dst_port: c.orig.dst_port, protocol };
         let observed = observed(&c);
@@ -241,12 +244,11 @@ impl Flows {
         } else {
             tracer.trace(packet, seed)
         };
-        let mut event = flow::explain(&p.view.cluster, trace, observed);
+        let mut event = flow::explain_in(&index.context(&trace), trace, observed, draw);
         event.id = u64::from(c.id);
         event.origin = FlowOrigin::Conntrack;
         event.node.clone_from(&self.cfg.node);
         if !draw {
-            event.diagram = None;
             self.stats.diagrams_dropped += 1;
         }
         self.stats.matched += 1;
