@@ -321,8 +321,10 @@ pub fn flow_list(m: &Model, rows: &[FlowRow], cb: &FlowCallbacks) -> Html {
                     let seq = r.seq;
                     let cbs = cb.select.clone();
                     let f = &r.flow;
+                    // Keyed by sequence number: a new flow on top moves the rows instead of
+                    // rewriting every row's text.
                     html! {
-                        <li>
+                        <li key={seq.to_string()}>
                             <button class={classes!("flow-row", (Some(seq) == selected).then_some("selected"))} data-kind={kind_label(f.destination)}
                                     onclick={move |_| cbs.emit(seq)} aria-current={(Some(seq) == selected).then_some("true")}>
                                 <span class={classes!("kind", format!("k-{}", kind_label(f.destination).to_lowercase()))}>{ kind_label(f.destination) }</span>
@@ -399,7 +401,7 @@ pub fn events_view(m: &Model) -> Html {
                 <ol class="timeline" data-testid="timeline">
                 { for s.timeline.iter().rev().take(200).map(|e| {
                     let (kind, text) = describe(e);
-                    html! { <li><span class="time muted">{ format!("{:.1}s", e.time_ms as f64 / 1000.0) }</span>
+                    html! { <li key={e.seq.to_string()}><span class="time muted">{ format!("{:.1}s", e.time_ms as f64 / 1000.0) }</span>
                                 <span class={classes!("tag", format!("t-{kind}"))}>{ kind }</span>{ text }</li> }
                 }) }
                 </ol>
