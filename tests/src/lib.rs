@@ -4,10 +4,13 @@
 //!   checks one probe against the engine with the same rules as `contract-check/run.py`;
 //! - [`changes`] makes the small cluster changes (endpoint removed, service removed and added,
 //!   endpoint added) that incremental programs are tested with;
+//! - [`differential`] checks real connections in the lab against the tracer, and runs the
+//!   `switchyard` binary in a lab node for the fault tests;
 //! - [`netns`] runs kernel tools inside throwaway network namespaces that are deleted on every
 //!   exit path, and says why kernel tests must be skipped on this machine.
 
 pub mod changes;
+pub mod differential;
 pub mod netns;
 pub mod scenario;
 

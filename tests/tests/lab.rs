@@ -1,6 +1,7 @@
 //! The differential test: the tracer against a real kernel, in the lab
 //! ([`switchyard_agent::lab`]: two node namespaces with three pods each, an external client and a
-//! load-balancer namespace, one agent per node).
+//! load-balancer namespace, one agent per node). The checks themselves are
+//! [`switchyard_tests::differential`], shared with the fault tests (`faults.rs`).
 //!
 //! For each scenario, real connections are made from the namespace the scenario names, and every
 //! answer must be one the tracer predicts for that packet on the node where it meets the proxy:
@@ -16,39 +17,23 @@
 //!
 //! Root only; skipped with the reason printed otherwise. Traffic stays inside the lab's namespaces.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard_agent::agent::BackendChoice;
-use switchyard_agent::lab::{self, CLIENT_IP, Lab, LabSpec, Proto, Reply, Svc, TARGET_PORT};
-use switchyard_engine::cluster::Cluster;
-use switchyard_engine::model::Protocol;
+use switchyard_agent::lab::{self, Lab, LabSpec, Proto, Reply, Svc};
 use switchyard_engine::policy::Backend;
-use switchyard_engine::trace::{SocketAddr, Trace, Verdict};
-use switchyard_engine::{Destination, TraceRequest};
+use switchyard_tests::differential::{
+    ANSWER_TIMEOUT, CONNECTIONS, Case, Killed, Origin, Tally, case, children, load, plan_backend, predicted_pods,
+    run_case, skip, svc, switchyard_binary, trace,
+};
 
-/// Connections per case: with at most four endpoints, missing one by chance is below 1e-7.
-const CONNECTIONS: usize = 60;
-/// A connection that gets no answer in this long was dropped.
-const DROP_TIMEOUT: Duration = Duration::from_millis(400);
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// The LB namespace's own address for `web`, forwarded to the nodes' NodePort 30080.
 const LB_VIP: &str = "203.0.113.100:80";
-
-fn svc(name: &str, kind: &'static str, ip: &str, endpoints: &[&str]) -> Svc {
-    Svc {
-        name: name.into(),
-        kind,
-        cluster_ip: ip.into(),
-        port: 80,
-        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-        ..Svc::default()
-    }
-}
 
 /// The scenarios' Services; `change` has the endpoints given.
 fn services(change: &[&str]) -> Vec<Svc> {
@@ -88,31 +73,6 @@ fn services(change: &[&str]) -> Vec<Svc> {
     ]
 }
 
-/// Where a case's connections come from.
-#[derive(Debug, Clone, Copy)]
-enum Origin {
-    Client,
-    Pod(&'static str),
-}
-
-struct Case {
-    name: &'static str,
-    from: Origin,
-    /// The node where the packet meets the proxy (traced there).
-    node: &'static str,
-    to: SocketAddrV4,
-    proto: Proto,
-    /// Session affinity: every connection reaches the same pod.
-    sticky: bool,
-    /// Sent to the LB namespace, which forwards to this NodePort of every node (round robin):
-    /// traced on each node, and an answer must be one of their outcomes.
-    lb_node_port: Option<u16>,
-}
-
-fn case(name: &'static str, from: Origin, node: &'static str, to: &str) -> Case {
-    Case { name, from, node, to: to.parse().expect("address"), proto: Proto::Tcp, sticky: false, lb_node_port: None }
-}
-
 fn cases() -> Vec<Case> {
     let (c, n1p2, n2p2) = (Origin::Client, Origin::Pod("n1-p2"), Origin::Pod("n2-p2"));
     vec![
@@ -140,198 +100,9 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn skip(backend: BackendChoice) -> bool {
-    match lab::skip_reason(backend) {
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 fn write_services(lab: &Lab, change: &[&str]) {
     let yaml: String = services(change).iter().map(|s| s.yaml(lab)).collect();
     lab.write("10-services.yaml", &yaml).expect("services");
-}
-
-fn load(lab: &Lab) -> Cluster {
-    switchyard_agent::load::load(std::slice::from_ref(&lab.manifests)).expect("the lab's manifests load").cluster
-}
-
-fn plan_backend(b: BackendChoice) -> Backend {
-    match b {
-        BackendChoice::Iptables => Backend::Iptables,
-        _ => Backend::Nftables,
-    }
-}
-
-fn source_of(lab: &Lab, from: Origin) -> (String, Ipv4Addr) {
-    match from {
-        Origin::Client => (lab.client.clone(), CLIENT_IP),
-        Origin::Pod(p) => {
-            let pod = lab.pod(p).expect("pod");
-            (pod.netns.clone(), pod.ip)
-        }
-    }
-}
-
-fn trace(cluster: &Cluster, backend: Backend, node: &str, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -> Trace {
-    trace_program(cluster, backend, node, None, from, to, proto).expect("traces")
-}
-
-/// Traces `program` (as the kernel lists it), or the render when `None`.
-fn trace_program(
-    cluster: &Cluster,
-    backend: Backend,
-    node: &str,
-    program: Option<String>,
-    from: Ipv4Addr,
-    to: SocketAddrV4,
-    proto: Proto,
-) -> Result<Trace, switchyard_engine::Error> {
-    let req = TraceRequest {
-        node: node.into(),
-        backend,
-        program,
-        from: IpAddr::V4(from),
-        to: Destination::Addr(SocketAddr { ip: IpAddr::V4(*to.ip()), port: to.port() }),
-        protocol: if proto == Proto::Udp { Protocol::Udp } else { Protocol::Tcp },
-        seed: 0,
-    };
-    switchyard_engine::trace(cluster, &req)
-}
-
-/// What a trace predicts, comparable across programs: verdict, and each endpoint with its
-/// masquerade flags.
-fn prediction(t: &Trace) -> (Verdict, BTreeSet<(String, bool)>) {
-    (t.verdict, t.outcomes.iter().map(|o| (o.endpoint.to_string(), o.masquerade)).collect())
-}
-
-/// What a batch of replies showed, against one or more traces (an endpoint change is checked
-/// against the union of before and after).
-#[derive(Default)]
-struct Tally {
-    connections: usize,
-    /// Pod name → connections it served.
-    reached: BTreeMap<String, usize>,
-    masqueraded: usize,
-    refused: usize,
-    timed_out: usize,
-    problems: Vec<String>,
-}
-
-impl Tally {
-    fn check(&mut self, lab: &Lab, traces: &[&Trace], from: Ipv4Addr, replies: &[Reply]) {
-        let verdicts: Vec<Verdict> = traces.iter().map(|t| t.verdict).collect();
-        for r in replies {
-            self.connections += 1;
-            let problem = match r {
-                Reply::Served { pod, source } => {
-                    *self.reached.entry(pod.clone()).or_default() += 1;
-                    let masq = *source != IpAddr::V4(from);
-                    self.masqueraded += usize::from(masq);
-                    let ip = lab.pod(pod).map(|p| IpAddr::V4(p.ip));
-                    let predicted: Vec<bool> = traces
-                        .iter()
-                        .flat_map(|t| &t.outcomes)
-                        .filter(|o| Some(o.endpoint.ip) == ip && o.endpoint.port == TARGET_PORT)
-                        .map(|o| o.masquerade)
-                        .collect();
-                    if predicted.is_empty() {
-                        Some(format!("reached {pod}, which is not in the outcome set"))
-                    } else if !predicted.contains(&masq) {
-                        Some(format!("{pod} saw source {source}: masquerade {masq}, the tracer says {predicted:?}"))
-                    } else {
-                        None
-                    }
-                }
-                Reply::Refused => {
-                    self.refused += 1;
-                    (!verdicts.contains(&Verdict::Reject)).then(|| "refused, the tracer says no reject".to_string())
-                }
-                Reply::TimedOut => {
-                    self.timed_out += 1;
-                    (!verdicts.contains(&Verdict::Drop)).then(|| "no answer, the tracer says no drop".to_string())
-                }
-                Reply::Failed(e) => Some(format!("failed: {e}")),
-            };
-            if let Some(p) = problem
-                && self.problems.len() < 5
-            {
-                self.problems.push(p);
-            }
-        }
-    }
-}
-
-/// The predicted endpoints of a trace, as pod names.
-fn predicted_pods(lab: &Lab, t: &Trace) -> BTreeSet<String> {
-    t.outcomes.iter().filter_map(|o| lab.pod_at(o.endpoint.ip).map(|p| p.name.clone())).collect()
-}
-
-fn run_case(lab: &Lab, cluster: &Cluster, backend: Backend, c: &Case, report: &mut String) -> Vec<String> {
-    let (ns, ip) = source_of(lab, c.from);
-    let traces: Vec<Trace> = match c.lb_node_port {
-        None => vec![trace(cluster, backend, c.node, ip, c.to, c.proto)],
-        Some(np) => lab
-            .nodes
-            .iter()
-            .map(|n| trace(cluster, backend, &n.name, ip, SocketAddrV4::new(n.ip, np), c.proto))
-            .collect(),
-    };
-    let t = &traces[0];
-    // The same question asked of what the kernel really holds must get the same answer.
-    let mut listed = Vec::new();
-    for (t, name) in traces.iter().zip(lab.nodes.iter().map(|n| n.name.as_str())) {
-        let name = if c.lb_node_port.is_some() { name } else { c.node };
-        let dst = match c.lb_node_port {
-            Some(np) => SocketAddrV4::new(lab.node(name).expect("node").ip, np),
-            None => c.to,
-        };
-        let program = lab.kernel_program(lab.node(name).expect("node")).ok();
-        match trace_program(cluster, backend, name, program, ip, dst, c.proto) {
-            Ok(k) if prediction(&k) == prediction(t) => {}
-            Ok(k) => {
-                listed.push(format!("the kernel's listing traces {:?}, the render {:?}", prediction(&k), prediction(t)))
-            }
-            Err(e) => listed.push(format!("the kernel's listing does not trace: {e}")),
-        }
-    }
-    let (count, timeout) = match t.verdict {
-        Verdict::Drop => (3, DROP_TIMEOUT),
-        Verdict::Reject => (10, ANSWER_TIMEOUT),
-        _ => (CONNECTIONS, ANSWER_TIMEOUT),
-    };
-    let replies = lab.requests(&ns, c.proto, c.to, count, timeout);
-    let mut tally = Tally::default();
-    tally.check(lab, &traces.iter().collect::<Vec<_>>(), ip, &replies);
-    let same = format!("{}/{}", traces.len() - listed.len(), traces.len());
-    tally.problems.extend(listed);
-    let predicted: BTreeSet<String> = traces.iter().flat_map(|t| predicted_pods(lab, t)).collect();
-    let reached: BTreeSet<String> = tally.reached.keys().cloned().collect();
-    if t.verdict == Verdict::Forward {
-        if c.sticky && reached.len() != 1 {
-            tally.problems.push(format!("session affinity, yet {} pods reached: {:?}", reached.len(), tally.reached));
-        }
-        if !c.sticky && reached != predicted {
-            tally.problems.push(format!("reached {reached:?}, predicted {predicted:?}"));
-        }
-    }
-    let _ = writeln!(
-        report,
-        "  {:<62} {:>8} {:>4} conns  reached {}/{} endpoints {:?}  masq {}  refused {}  no answer {}  listing traces the same {same}",
-        c.name,
-        t.verdict.as_str(),
-        tally.connections,
-        reached.len(),
-        predicted.len(),
-        tally.reached,
-        tally.masqueraded,
-        tally.refused,
-        tally.timed_out
-    );
-    tally.problems.iter().map(|p| format!("{}: {p}", c.name)).collect()
 }
 
 /// Traffic flows to `change` while its endpoints are swapped: every answer is one the tracer
@@ -423,42 +194,6 @@ fn differential_iptables() {
     differential(BackendChoice::Iptables, "di");
 }
 
-/// Kills `child` on drop (a failing test must not leave an agent running).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The `switchyard` binary beside this test's folder (`target/<profile>/switchyard`), which
-/// `cargo test --workspace` builds.
-fn switchyard_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("switchyard");
-    bin.is_file().then_some(bin)
-}
-
-/// The processes whose parent is `pid`: their pid and command line.
-fn children(pid: u32) -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let p: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // `pid (comm) state ppid ...`: comm may hold spaces, so split after the last ')'.
-            let (_, rest) = stat.rsplit_once(')')?;
-            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            let cmdline = std::fs::read_to_string(e.path().join("cmdline")).ok()?.replace('\0', " ");
-            (ppid == pid).then_some((p, cmdline.trim_end().to_string()))
-        })
-        .collect()
-}
-
 fn start_agent(bin: &PathBuf, lab: &Lab, backend: BackendChoice, log: &std::path::Path) -> Killed {
     let node = lab.node("node-1").expect("node-1");
     let log = std::fs::File::create(log).expect("log file");
@@ -534,8 +269,9 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
         let pid = agent.0.id();
         let deadline = Instant::now() + Duration::from_secs(60);
         let tool = loop {
-            // The load itself, not the reads before it (`nft list tables`, `iptables-save`).
-            let loading = |cmd: &str| cmd.contains("nft -f") || cmd.contains("iptables-restore");
+            // The load itself, not the reads before it (`nft list tables`, `iptables-save`); the
+            // restore runs as the variant's binary (`iptables-nft-restore`, `iptables-legacy-restore`).
+            let loading = |cmd: &str| cmd.contains("nft -f") || cmd.contains("-restore");
             if let Some(c) = children(pid).into_iter().find(|(_, cmd)| loading(cmd)) {
                 break c;
             }
