@@ -220,15 +220,22 @@ async fn the_dashboard_end_to_end() -> Result<()> {
     let mut kinds = std::collections::BTreeSet::new();
     let wanted = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !wanted.iter().all(|k| kinds.contains(*k)) && Instant::now() < deadline {
+    let all_seen = |kinds: &std::collections::BTreeSet<String>| {
+        wanted.iter().all(|k| kinds.contains(*k)) && kinds.contains("hairpin")
+    };
+    while !all_seen(&kinds) && Instant::now() < deadline {
         for row in c.find_all(Locator::Css(".flow-row")).await? {
             if let Some(k) = row.attr("data-kind").await? {
                 kinds.insert(k);
             }
         }
+        // A pod that reaches itself through its Service is marked as such.
+        if c.find(Locator::Css(".flow-row .k-hairpin")).await.is_ok() {
+            kinds.insert("hairpin".to_string());
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(wanted.iter().all(|k| kinds.contains(*k)), "kinds seen: {kinds:?}");
+    assert!(all_seen(&kinds), "kinds seen: {kinds:?}");
 
     // Each kind animates: pick the newest flow of the kind and watch its steps advance.
     for kind in wanted {
