@@ -40,4 +40,8 @@ pub fn start() {
         boot.remove();
     }
     yew::Renderer::<app::App>::with_props(app::AppProps { boot: app::Boot::Auto, view: None }).render();
+    // The first meaningful paint follows this mark: the benchmark reads it from the page.
+    if let Some(p) = web_sys::window().and_then(|w| w.performance()) {
+        let _ = p.mark("switchyard-mounted");
+    }
 }
