@@ -168,10 +168,10 @@ pub fn backoff_ms(attempt: u32) -> u32 {
     doubled.min(10_000) as u32
 }
 
-/// The animation of the selected flow's diagram.
+/// How the selected flow's diagram plays (pausing and stepping belong to the diagram itself:
+/// only it knows where it is).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Animation {
-    pub playing: bool,
     /// 0.25 to 4.
     pub speed: f64,
     /// Pick the newest flow automatically when the current one finished playing.
@@ -180,7 +180,7 @@ pub struct Animation {
 
 impl Default for Animation {
     fn default() -> Self {
-        Animation { playing: true, speed: 1.0, follow: true }
+        Animation { speed: 1.0, follow: true }
     }
 }
 
@@ -280,8 +280,6 @@ pub enum Action {
     FilterFlows(Option<DestinationKind>),
     ToggleTheme,
     SetTheme(Theme),
-    TogglePlay,
-    SetPlaying(bool),
     SetSpeed(f64),
     ToggleFollow,
     Notice(Option<String>),
@@ -344,7 +342,6 @@ impl Model {
                 let row = self.flow_rows().into_iter().find(|r| r.seq == seq);
                 if row.is_some() {
                     self.selected_flow = row;
-                    self.animation.playing = true;
                     self.animation.follow = false;
                 }
                 true
@@ -366,11 +363,6 @@ impl Model {
                 true
             }
             Action::SetTheme(t) => replace(&mut self.theme, t),
-            Action::TogglePlay => {
-                self.animation.playing = !self.animation.playing;
-                true
-            }
-            Action::SetPlaying(p) => replace(&mut self.animation.playing, p),
             Action::SetSpeed(s) => replace(&mut self.animation.speed, s.clamp(SPEEDS[0], SPEEDS[SPEEDS.len() - 1])),
             Action::ToggleFollow => {
                 self.animation.follow = !self.animation.follow;
