@@ -16,16 +16,21 @@ pub fn now_ms() -> f64 {
     web_sys::window().and_then(|w| w.performance()).map(|p| p.now()).unwrap_or(0.0)
 }
 
-/// The demo scenario running in the page: simulated time is the page's clock since the start.
+/// The demo scenario running in the page. Simulated time follows the page's clock, but a frame
+/// advances it by at most [`MAX_STEP_MS`]: after a hidden tab or a long stall the scenario slows
+/// down instead of tracing minutes of traffic in one frame.
 pub struct Demo {
     scenario: Scenario,
     journal: Journal,
-    started_at: f64,
+    sim_ms: f64,
+    last_wall: f64,
 }
+
+pub const MAX_STEP_MS: f64 = 250.0;
 
 impl Demo {
     pub fn new(seed: u64) -> Demo {
-        Demo { scenario: Scenario::new(seed), journal: Journal::new(1_024), started_at: now_ms() }
+        Demo { scenario: Scenario::new(seed), journal: Journal::new(1_024), sim_ms: 0.0, last_wall: now_ms() }
     }
 
     pub fn source() -> SourceInfo {
@@ -36,10 +41,16 @@ impl Demo {
         self.scenario.cluster().clone()
     }
 
-    /// Everything the scenario did up to now, numbered like a server would.
+    /// Everything the scenario did since the last poll, numbered like a server would.
     pub fn poll(&mut self) -> Vec<Sequenced> {
-        let until = (now_ms() - self.started_at).max(0.0) as u64;
-        self.scenario.advance(until, &mut now_ms).into_iter().map(|(t, e)| self.journal.push(t, e).clone()).collect()
+        let now = now_ms();
+        self.sim_ms += (now - self.last_wall).clamp(0.0, MAX_STEP_MS);
+        self.last_wall = now;
+        self.scenario
+            .advance(self.sim_ms as u64, &mut now_ms)
+            .into_iter()
+            .map(|(t, e)| self.journal.push(t, e).clone())
+            .collect()
     }
 }
 
