@@ -76,7 +76,10 @@ fn stream_decoder_survives_its_corpus() {
 /// The seeds are real programs and messages: they must parse, or the corpus tests nothing deep.
 #[test]
 fn seeds_are_valid() {
-    for (p, b) in inputs("trace_nftables").iter().filter(|(p, _)| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("golden"))) {
+    for (p, b) in inputs("trace_nftables")
+        .iter()
+        .filter(|(p, _)| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("golden")))
+    {
         let text = std::str::from_utf8(b).expect("utf-8");
         trace::nftables::Program::parse(text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }

@@ -148,6 +148,11 @@ fn nftables_agent_follows_the_folder() {
     nft(&["delete", "table", "ip", "switchyard"]).expect("deletes");
     wait_for("the resync to restore the table", Duration::from_secs(10), || table().contains("10.244.0.6"));
 
+    // The kernel holds the program a moment before the sync's report reaches the metrics.
+    wait_for("the resync in the metrics", Duration::from_secs(5), || {
+        let (_, body) = get(running.addr, "/metrics");
+        metric(&body, "kubeproxy_sync_full_proxy_rules_duration_seconds_count").is_some_and(|n| n >= 2.0)
+    });
     let (code, body) = get(running.addr, "/metrics");
     assert_eq!(code, 200, "{body}");
     let full = metric(&body, "kubeproxy_sync_full_proxy_rules_duration_seconds_count").expect("full syncs");
