@@ -1215,21 +1215,13 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
     let (mut before, mut after) = (MapSink::default(), MapSink::default());
     // A frontend a changed service shares with an unchanged one stays with the unchanged one:
     // the transaction must never add a second element with one key.
-    // Few services change at a time: a linear look at their frontends beats hashing 10,000
-    // services' names.
-    let mine: Vec<FrontendId> = old_changed.iter().chain(&new_changed).flat_map(|s| frontends_of(s)).collect();
-    let is_changed = |s: &ServicePortPlan| new_changed.iter().any(|c| std::ptr::eq(*c, s));
-    let shares = |s: &ServicePortPlan| {
-        mine.iter().any(|f| match *f {
-            FrontendId::Ip(ip, p, port) => {
-                s.protocol == p
-                    && s.port == port
-                    && (s.cluster_ip == ip || s.external_ips.contains(&ip) || s.load_balancer_ips.contains(&ip))
-            }
-            FrontendId::NodePort(p, n) => s.protocol == p && s.node_port == Some(n),
-            FrontendId::HealthCheck(n) => s.health_check_node_port == Some(n),
-        })
-    };
+    // Sets, not scans: under endpoint churn one sync carries thousands of changed services, and
+    // a scan of them per service (or of every endpoint per removed element, below) made the
+    // diff quadratic (45 s for 6,000 of 10,000 services changed; see BENCHMARKS, churn).
+    let mine: HashSet<FrontendId> = old_changed.iter().chain(&new_changed).flat_map(|s| frontends_of(s)).collect();
+    let changed_ptrs: HashSet<*const ServicePortPlan> = new_changed.iter().map(|c| std::ptr::from_ref(*c)).collect();
+    let is_changed = |s: &ServicePortPlan| changed_ptrs.contains(&std::ptr::from_ref(s));
+    let shares = |s: &ServicePortPlan| frontends_of(s).any(|f| mine.contains(&f));
     for s in nf.services.iter().filter(|s| shares(s) && !is_changed(s)) {
         for f in frontends_of(s).filter(|f| mine.contains(f)) {
             before.claims.insert(f);
@@ -1246,15 +1238,24 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
     // Shared elements (cluster IPs, hairpin pairs, health-check ports) stay while another
     // service still has them. Changed services' new elements are in `after` already, so
     // scanning every service of the new plan is right.
-    let unchanged = || nf.services.iter();
+    // What the new plan uses, gathered once on the first question (one pass over every
+    // endpoint, what a single question cost before).
+    let used = std::cell::OnceCell::new();
     let still_used = |set: &str, k: &str| -> bool {
+        let (hairpin, cluster_ips, health_checks) = used.get_or_init(|| {
+            let (mut h, mut c, mut p) = (HashSet::new(), HashSet::new(), HashSet::new());
+            for s in &nf.services {
+                h.extend(s.cluster_endpoints.iter().chain(&s.local_endpoints).map(|e| e.ip));
+                c.insert(s.cluster_ip);
+                p.extend(s.health_check_node_port.map(|n| n.to_string()));
+            }
+            (h, c, p)
+        });
         let ip: Option<IpAddr> = k.split(" . ").next().and_then(|a| a.parse().ok());
         match set {
-            "hairpin" => {
-                unchanged().any(|s| s.cluster_endpoints.iter().chain(&s.local_endpoints).any(|e| Some(e.ip) == ip))
-            }
-            "cluster-ips" => unchanged().any(|s| Some(s.cluster_ip) == ip),
-            "health-check-ports" => unchanged().any(|s| s.health_check_node_port.is_some_and(|p| p.to_string() == k)),
+            "hairpin" => ip.is_some_and(|ip| hairpin.contains(&ip)),
+            "cluster-ips" => ip.is_some_and(|ip| cluster_ips.contains(&ip)),
+            "health-check-ports" => health_checks.contains(k),
             _ => false,
         }
     };
@@ -1286,7 +1287,6 @@ fn diff_family(out: &mut String, of: &FamilyPlan, nf: &FamilyPlan, only: Option<
         // Every load-balancing chain gains or loses its affinity lookup: rewrite them all.
         (dynamic_chains(of, &lb_needs(of)), dynamic_chains(nf, &lb_needs(nf)))
     } else {
-        let is_changed = |s: &ServicePortPlan| new_changed.iter().any(|c| std::ptr::eq(*c, s));
         let unchanged = || nf.services.iter().filter(|s| !is_changed(s));
         let changed_needs = |v: &[&ServicePortPlan]| {
             let mut set = BTreeSet::new();
