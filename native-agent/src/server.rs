@@ -115,6 +115,10 @@ async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
         let mut r = error(StatusCode::UNAUTHORIZED, why, None);
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"switchyard\""));
         r
+    } else if app.token.is_none()
+        && let Err(why) = loopback_host(req.headers())
+    {
+        error(StatusCode::FORBIDDEN, why, None)
     } else if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "the API is read-only: only GET and HEAD", None);
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -244,6 +248,34 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Without a token the server is only for this machine, and that must hold for the name the
+/// browser used too: a page on an attacker's domain that resolves to 127.0.0.1 (DNS rebinding) is
+/// same-origin with itself, so the Origin check alone would let it read the stream. Only loopback
+/// names pass: `localhost` (and `*.localhost`), 127.0.0.0/8 and `[::1]`, with any port. Clients
+/// that send no `Host` (HTTP/1.0 tools) are not browsers.
+fn loopback_host(headers: &HeaderMap) -> Result<(), String> {
+    let Some(host) = headers.get(header::HOST) else { return Ok(()) };
+    let host = host.to_str().map_err(|_| "the Host header is not text".to_string())?;
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => {
+            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(n, _)| n)
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "Host {host:?} is not a loopback name: without --token-file the server answers only \
+             localhost, 127.0.0.1 and [::1] (DNS rebinding protection)"
+        ))
+    }
 }
 
 /// Whether a WebSocket upgrade may go ahead: browsers always send `Origin`, and it must be this

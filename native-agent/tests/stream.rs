@@ -318,6 +318,32 @@ async fn origin_methods_and_headers() -> Result<()> {
     Ok(())
 }
 
+/// Without a token only loopback names are answered: a page on a rebound domain (its name now
+/// resolving to 127.0.0.1) is same-origin with itself, so only the Host check stops it.
+#[test]
+fn dns_rebinding_is_refused() {
+    let demo = fast_demo(HubConfig::default(), ServerConfig::default());
+    let a = demo.addr;
+    let raw = |host: &str, extra: &str| -> u16 {
+        let mut s = TcpStream::connect(a).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET /api/v1/snapshot HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n").expect("send");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("read");
+        reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    };
+    let port = a.port();
+    for host in [format!("evil.example:{port}"), "evil.example".into(), format!("10.0.0.1:{port}")] {
+        assert_eq!(raw(&host, ""), 403, "Host {host}");
+        assert_eq!(raw(&host, &format!("Origin: http://{host}\r\n")), 403, "Host {host} with its own Origin");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}"), "127.1.2.3".into()]
+    {
+        assert_eq!(raw(&host, ""), 200, "Host {host}");
+    }
+    demo.stop().expect("stops");
+}
+
 /// The dashboard folder is served, and nothing outside it.
 #[test]
 fn the_dashboard_folder_is_served_and_nothing_else() {
