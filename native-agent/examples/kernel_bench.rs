@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             }
         }
     };
+    remove_stale_namespaces();
     println!(
         "| services | backend | full: render | full: kernel | kernel share | change: plan+render | change: kernel | connect 1st (median/p99) | connect last (median/p99) |"
     );
