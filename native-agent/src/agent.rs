@@ -24,7 +24,7 @@ use switchyard_engine::policy;
 use switchyard_engine::protocol::{self, Event, Mode, SourceInfo};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apply::{iptables, nftables};
+use crate::apply::{iptables, ipvs, nftables};
 use crate::conntrack;
 use crate::metrics::{Health, Metrics};
 use crate::source::ManifestSource;
@@ -36,6 +36,8 @@ use crate::sync::{Action, Backoff, Input, State, SyncKind};
 pub enum BackendChoice {
     Nftables,
     Iptables,
+    /// Virtual servers with `ipvsadm`, plus the ipsets and iptables chains of kube-proxy's IPVS mode.
+    Ipvs,
     /// Render and track everything, write nothing: a dry run.
     None,
 }
@@ -45,6 +47,7 @@ impl BackendChoice {
         match self {
             BackendChoice::Nftables => "nftables",
             BackendChoice::Iptables => "iptables",
+            BackendChoice::Ipvs => "ipvs",
             BackendChoice::None => "none",
         }
     }
@@ -127,6 +130,50 @@ impl<A: iptables::IptablesApplier + Send + 'static> Kernel for IptKernel<A> {
     }
 }
 
+/// IPVS: `ipvsadm -R` and `ipset restore` steps in the program's order, and its iptables part
+/// through the iptables applier, so a full sync rewrites only our chains (a plain
+/// `iptables-restore` of that part would flush every rule of the node's `nat` and `filter`).
+pub struct IpvsKernel<V, T> {
+    pub ipvs: V,
+    pub iptables: T,
+}
+
+impl<V: ipvs::IpvsApplier + Send + 'static, T: iptables::IptablesApplier + Send + 'static> Kernel for IpvsKernel<V, T> {
+    fn apply(&mut self, kind: SyncKind, program: &str) -> Result<(), String> {
+        use switchyard_engine::render::ipvs::Section;
+        let t = match kind {
+            SyncKind::Full => ipvs::Transaction::from_program(program),
+            SyncKind::Partial => ipvs::Transaction::from_transaction(program),
+        };
+        // Rules match the ipsets and the virtual servers must exist before traffic is steered
+        // to them, so the iptables part goes after the ipvsadm and ipset steps, and `ip` last.
+        let (rules, others): (Vec<_>, Vec<_>) =
+            t.steps.into_iter().partition(|s| matches!(s.section, Section::Iptables(_)));
+        let (before, after): (Vec<_>, Vec<_>) = others.into_iter().partition(|s| s.section != Section::Ip);
+        self.ipvs.apply(&ipvs::Transaction { steps: before }).map_err(|e| e.to_string())?;
+        if !rules.is_empty() {
+            let mut text = String::new();
+            for step in &rules {
+                let marker = match step.section {
+                    Section::Iptables(switchyard_engine::model::IpFamily::V6) => {
+                        switchyard_engine::render::iptables::SECTION_V6
+                    }
+                    _ => switchyard_engine::render::iptables::SECTION_V4,
+                };
+                text.push_str(marker);
+                text.push('\n');
+                text.push_str(&step.input);
+            }
+            let r = match kind {
+                SyncKind::Full => iptables::apply_full(&mut self.iptables, &text),
+                SyncKind::Partial => iptables::apply_incremental(&mut self.iptables, &text),
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        self.ipvs.apply(&ipvs::Transaction { steps: after }).map_err(|e| e.to_string())
+    }
+}
+
 /// `--backend none`: accepts everything, writes nothing.
 pub struct NoKernel;
 
@@ -197,6 +244,21 @@ pub async fn run_with(
             eprintln!("switchyard: iptables variant: {}", variant.as_str());
             shared.metrics.iptables_variant(variant.as_str());
             (Box::new(IptKernel(k)), policy::Backend::Iptables)
+        }
+        BackendChoice::Ipvs => {
+            if !ipvs::ipvs_available() {
+                // Every sync will fail and say why (metrics, /healthz); the rest still runs.
+                eprintln!(
+                    "switchyard: this kernel has no IPVS (no /proc/net/ip_vs): syncs will fail until it is loaded"
+                );
+            }
+            let probe = iptables::Kernel { prefix: prefix.clone(), variant: None };
+            let variant = probe.detect().unwrap_or(iptables::Variant::Unknown);
+            let k = IpvsKernel {
+                ipvs: ipvs::Kernel { prefix, ..ipvs::Kernel::default() },
+                iptables: probe.with_variant(variant),
+            };
+            (Box::new(k), policy::Backend::Ipvs)
         }
         BackendChoice::None => (Box::new(NoKernel), policy::Backend::Nftables),
     };
@@ -671,6 +733,39 @@ pub async fn termination() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPVS backend: virtual servers and ipsets through their tools, the iptables part through
+    /// the iptables applier (our chains restored with `--noflush`, builtin jumps ensured), never a
+    /// flush of the node's tables; a failing step stops the sync before the rules.
+    #[test]
+    fn ipvs_kernel_applies_in_order_and_never_flushes_foreign_rules() {
+        use crate::apply::iptables::Recording as IptRecording;
+        use crate::apply::ipvs::Recording as IpvsRecording;
+        use switchyard_engine::render::ipvs::Section;
+        let cluster = switchyard_engine::demo::cluster();
+        let program = switchyard_engine::render(&cluster, "node-1", policy::Backend::Ipvs).expect("renders");
+        let mut k = IpvsKernel { ipvs: IpvsRecording::default(), iptables: IptRecording::default() };
+        k.apply(SyncKind::Full, &program).expect("applies");
+        let sections: Vec<Section> = k.ipvs.applied.iter().flat_map(|t| t.steps.iter().map(|s| s.section)).collect();
+        assert_eq!(sections.first(), Some(&Section::Ipvsadm));
+        assert!(sections.contains(&Section::Ipset));
+        assert!(!sections.iter().any(|s| matches!(s, Section::Iptables(_))), "iptables goes through its applier");
+        let restored: String = k.iptables.restores.iter().map(|(_, t)| t.as_str()).collect();
+        assert!(restored.contains(":SWITCHYARD-SERVICES - [0:0]"), "{restored}");
+        assert!(!restored.contains(":PREROUTING"), "builtin chains are never restored (that would flush them)");
+        assert!(k.iptables.rule_ops.iter().any(|(_, table, _, rule)| table == "nat" && rule.starts_with("PREROUTING")));
+
+        // A later partial sync of a changed service; then a failing ipvsadm stops before the rules.
+        let mut changed = cluster.clone();
+        changed.endpoint_slices.values_mut().for_each(|s| s.endpoints.truncate(1));
+        let txn = switchyard_engine::render_incremental(&cluster, &changed, "node-1", policy::Backend::Ipvs)
+            .expect("renders");
+        k.apply(SyncKind::Partial, &txn).expect("applies");
+        let before = k.iptables.restores.len();
+        k.ipvs.fail_on = Some(Section::Ipvsadm);
+        assert!(k.apply(SyncKind::Full, &program).is_err());
+        assert_eq!(k.iptables.restores.len(), before, "no rules after a failed ipvsadm step");
+    }
 
     /// The nftables kernel adds the deletion of a stale family to full syncs only.
     #[test]

@@ -459,7 +459,7 @@ fn agent(a: AgentArgs) -> Result<(), Error> {
         AgentBackendArg::Nftables => BackendChoice::Nftables,
         AgentBackendArg::Iptables => BackendChoice::Iptables,
         AgentBackendArg::None => BackendChoice::None,
-        AgentBackendArg::Ipvs => return Err(Error::Unavailable("the agent's ipvs backend")),
+        AgentBackendArg::Ipvs => BackendChoice::Ipvs,
     };
     let source = match (a.cluster, a.kubeconfig) {
         (Some(dir), _) => agent::AgentSource::Manifests(dir),

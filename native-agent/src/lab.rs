@@ -605,6 +605,11 @@ pub fn sweep() {
 
 /// Why the lab cannot run here, or `None` when it can.
 pub fn skip_reason(backend: BackendChoice) -> Option<String> {
+    if backend == BackendChoice::Ipvs && !crate::apply::ipvs::ipvs_available() {
+        return Some(
+            "this kernel has no IPVS module (no /proc/net/ip_vs): virtual servers cannot be programmed".into(),
+        );
+    }
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))

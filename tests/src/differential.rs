@@ -79,6 +79,7 @@ pub fn load(lab: &Lab) -> Cluster {
 pub fn plan_backend(b: BackendChoice) -> Backend {
     match b {
         BackendChoice::Iptables => Backend::Iptables,
+        BackendChoice::Ipvs => Backend::Ipvs,
         _ => Backend::Nftables,
     }
 }
