@@ -667,29 +667,34 @@ pub fn spawn(cfg: AgentConfig, listen: SocketAddr) -> Result<Running, AgentError
 
 /// [`spawn`] with the server's options.
 pub fn spawn_with(cfg: AgentConfig, opts: ServeOptions, listen: SocketAddr) -> Result<Running, AgentError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(AgentError::Runtime)?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(listen)).map_err(AgentError::Serve)?;
-    let addr = listener.local_addr().map_err(AgentError::Serve)?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        runtime.block_on(run_with(cfg, opts, listener, async move {
-            let _ = stopped.await;
-        }))
-    });
-    Ok(Running { addr, stop: Some(stop), thread: Some(thread) })
+    Running::serve(listen, move |listener, shutdown| run_with(cfg, opts, listener, shutdown))
 }
 
 impl Running {
-    pub(crate) fn new(
-        addr: SocketAddr,
-        stop: oneshot::Sender<()>,
-        thread: std::thread::JoinHandle<Result<(), AgentError>>,
-    ) -> Self {
-        Running { addr, stop: Some(stop), thread: Some(thread) }
+    /// Binds `listen`, then runs `serve(listener, shutdown)` on a runtime and thread of its own
+    /// until [`Running::stop`] completes `shutdown`: the agent and the demo both run this way.
+    pub(crate) fn serve<F, Fut>(listen: SocketAddr, serve: F) -> Result<Running, AgentError>
+    where
+        F: FnOnce(tokio::net::TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), AgentError>>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(AgentError::Runtime)?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(listen)).map_err(AgentError::Serve)?;
+        let addr = listener.local_addr().map_err(AgentError::Serve)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(serve(
+                listener,
+                Box::pin(async move {
+                    let _ = stopped.await;
+                }),
+            ))
+        });
+        Ok(Running { addr, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Stops the agent (rules stay) and waits for it.

@@ -136,18 +136,5 @@ pub async fn run(
 
 /// Starts the demo serving on `listen` on a thread of its own (port 0 picks a free port).
 pub fn spawn(cfg: DemoConfig, listen: SocketAddr) -> Result<Running, AgentError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(AgentError::Runtime)?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(listen)).map_err(AgentError::Serve)?;
-    let addr = listener.local_addr().map_err(AgentError::Serve)?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        runtime.block_on(run(cfg, listener, async move {
-            let _ = stopped.await;
-        }))
-    });
-    Ok(Running::new(addr, stop, thread))
+    Running::serve(listen, move |listener, shutdown| run(cfg, listener, shutdown))
 }
