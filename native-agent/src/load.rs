@@ -157,14 +157,14 @@ fn is_manifest(path: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A folder under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    /// A folder under the system temp dir, removed on drop (the crate's tests share it).
+    pub(crate) struct TempDir(pub(crate) PathBuf);
 
     impl TempDir {
-        fn new(tag: &str) -> Self {
+        pub(crate) fn new(tag: &str) -> Self {
             use std::sync::atomic::{AtomicUsize, Ordering};
             static N: AtomicUsize = AtomicUsize::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +172,7 @@ mod tests {
             fs::create_dir_all(&p).expect("temp dir");
             TempDir(p)
         }
-        fn write(&self, rel: &str, text: &str) -> PathBuf {
+        pub(crate) fn write(&self, rel: &str, text: &str) -> PathBuf {
             let p = self.0.join(rel);
             fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             fs::write(&p, text).expect("write");

@@ -173,27 +173,7 @@ mod tests {
     use super::*;
     use switchyard_engine::model::ObjectKey;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!("sy-source-{tag}-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&p).expect("temp dir");
-            TempDir(p)
-        }
-        fn write(&self, rel: &str, text: &str) {
-            std::fs::write(self.0.join(rel), text).expect("write");
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::load::tests::TempDir;
 
     const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.2\n";
 
