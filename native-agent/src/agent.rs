@@ -226,7 +226,7 @@ pub async fn run_with(
 ) -> Result<(), AgentError> {
     let shared = Arc::new(Shared { metrics: Metrics::new(cfg.backend.as_str()), health: Mutex::default() });
     let hub = Hub::start(source_info(&cfg), Cluster::default(), opts.hub);
-    let prefix = cfg.netns.as_deref().map(ns_prefix).unwrap_or_default();
+    let prefix = cfg.netns.as_deref().map(crate::apply::netns_prefix).unwrap_or_default();
     let (kernel, plan_backend): (Box<dyn Kernel>, policy::Backend) = match cfg.backend {
         BackendChoice::Nftables => {
             let k = nftables::Kernel { prefix };
@@ -608,7 +608,7 @@ fn changes_content(ev: &notify::Event) -> bool {
 /// exits 1 when nothing matched; only a failure to run it is reported.
 fn flush_conntrack(ns: Option<&str>, flows: &[crate::sync::StaleUdp]) -> Option<String> {
     for f in flows {
-        let mut argv = ns.map(ns_prefix).unwrap_or_default();
+        let mut argv = ns.map(crate::apply::netns_prefix).unwrap_or_default();
         argv.extend(["conntrack", "-D", "-p", "udp"].map(String::from));
         if f.endpoint.is_ipv6() {
             argv.extend(["-f", "ipv6"].map(String::from));
@@ -627,10 +627,6 @@ fn flush_conntrack(ns: Option<&str>, flows: &[crate::sync::StaleUdp]) -> Option<
         }
     }
     None
-}
-
-fn ns_prefix(ns: &str) -> Vec<String> {
-    vec!["ip".into(), "netns".into(), "exec".into(), ns.into()]
 }
 
 /// The agent's `/metrics` and `/healthz`, for [`crate::server`].

@@ -315,7 +315,7 @@ impl Kernel {
 
     /// Runs inside network namespace `name`.
     pub fn in_netns(name: &str) -> Self {
-        Kernel { prefix: vec!["ip".into(), "netns".into(), "exec".into(), name.into()], variant: None }
+        Kernel { prefix: super::netns_prefix(name), variant: None }
     }
 
     /// Runs the binaries of one variant.

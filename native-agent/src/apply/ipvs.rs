@@ -119,7 +119,7 @@ impl Kernel {
 
     /// Runs inside network namespace `name`.
     pub fn in_netns(name: &str) -> Self {
-        Kernel { prefix: vec!["ip".into(), "netns".into(), "exec".into(), name.into()], ..Kernel::default() }
+        Kernel { prefix: super::netns_prefix(name), ..Kernel::default() }
     }
 
     /// Skips every step of `section` (recorded in `skipped`) instead of failing on a kernel that

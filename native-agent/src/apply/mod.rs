@@ -9,6 +9,11 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+/// The prefix that runs a tool inside network namespace `name` (`ip netns exec NAME`).
+pub fn netns_prefix(name: &str) -> Vec<String> {
+    vec!["ip".into(), "netns".into(), "exec".into(), name.into()]
+}
+
 /// Runs a kernel tool, after `prefix` (e.g. `ip netns exec NS`) when there is one, feeding it
 /// `stdin` and collecting stdout and stderr. Only a failure to write the input, start or wait is
 /// an `Err`; the tool's own failure is in the `Output`.

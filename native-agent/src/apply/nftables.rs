@@ -76,7 +76,7 @@ impl Kernel {
 
     /// Runs inside network namespace `name`.
     pub fn in_netns(name: &str) -> Self {
-        Kernel { prefix: vec!["ip".into(), "netns".into(), "exec".into(), name.into()] }
+        Kernel { prefix: super::netns_prefix(name) }
     }
 
     fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
