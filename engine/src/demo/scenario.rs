@@ -7,7 +7,6 @@
 //! (the agent passes a monotonic clock, the browser `performance.now()`, tests a counter). It
 //! speaks [`crate::protocol`], so the dashboard cannot tell it from a live node.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::api::{self, Destination, TraceRequest};
@@ -17,8 +16,8 @@ use crate::input::{self, Object};
 use crate::model::{Endpoint, ObjectKey, Protocol};
 use crate::policy::Backend;
 use crate::protocol::{
-    Event, FlowEvent, FlowOrigin, FlowState, Health, Mode, NodeChange, NodeEvent, SourceInfo, SyncEvent, SyncKind,
-    WatchEvent, watch_diff,
+    Event, FlowEvent, FlowOrigin, FlowState, Health, Mode, SourceInfo, SyncEvent, SyncKind, WatchEvent, node_changes,
+    watch_diff,
 };
 use crate::trace::SocketAddr;
 
@@ -346,21 +345,7 @@ pub fn explain(
 }
 
 fn node_events(old: &Cluster, new: &Cluster, t: u64, out: &mut Timeline) {
-    let names: BTreeMap<&String, (bool, bool)> = old
-        .nodes
-        .keys()
-        .map(|n| (n, (true, new.nodes.contains_key(n))))
-        .chain(new.nodes.keys().filter(|n| !old.nodes.contains_key(*n)).map(|n| (n, (false, true))))
-        .collect();
-    for (name, (before, after)) in names {
-        let change = match (before, after) {
-            (false, true) => NodeChange::Joined,
-            (true, false) => NodeChange::Left,
-            _ if old.nodes.get(name) != new.nodes.get(name) => NodeChange::Updated,
-            _ => continue,
-        };
-        out.push((t, Event::Node(NodeEvent { name: name.clone(), change })));
-    }
+    out.extend(node_changes(old, new).into_iter().map(|n| (t, Event::Node(n))));
 }
 
 /// Lines that differ between two programs: what an incremental transaction would roughly carry.
@@ -393,7 +378,7 @@ impl SplitMix64 {
 mod tests {
     use super::*;
     use crate::flow::DestinationKind;
-    use crate::protocol::{Journal, Sequenced, StreamState};
+    use crate::protocol::{Journal, NodeChange, Sequenced, StreamState};
 
     fn run(seed: u64, until: u64) -> Timeline {
         let mut tick = 0.0;
