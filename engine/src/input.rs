@@ -14,6 +14,8 @@ use serde_json::Value;
 
 use crate::model::*;
 
+mod yaml;
+
 /// One object the proxy cares about.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -69,6 +71,9 @@ impl fmt::Display for Problem {
 /// Limits that keep hostile input bounded in memory and time.
 const MAX_INPUT_BYTES: usize = 256 << 20;
 const MAX_DEPTH: usize = 64;
+/// Manifests seldom use aliases; an alias bomb multiplies nodes, so this cap is what bounds the
+/// memory a hostile file can cost (a few MB here, not gigabytes).
+const MAX_ALIAS_NODES: usize = 100_000;
 
 /// Parses one file's text. `file` is only used in messages. All problems are returned, one per
 /// object at most, so a user can fix a file in one pass.
@@ -95,29 +100,12 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         }
         docs
     } else {
-        // The default budget caps nodes at 250,000, too few for a 10,000-service cluster dump;
-        // raise the counts and keep the depth and alias limits that stop hostile YAML.
-        let mut budget = serde_saphyr::Budget::default();
-        budget.max_depth = MAX_DEPTH;
-        budget.max_nodes = 50_000_000;
-        budget.max_events = 100_000_000;
-        budget.max_documents = 1_000_000;
-        budget.max_total_scalar_bytes = MAX_INPUT_BYTES;
-        let mut options = serde_saphyr::Options::default();
-        options.budget = Some(budget);
-        // Manifests seldom use aliases; an alias bomb replays events until this cap, so it is
-        // what bounds the memory a hostile file can cost (about 30 MB here, not gigabytes).
-        options.alias_limits.max_total_replayed_events = 100_000;
-        // YAML 1.2 booleans only: a namespace called `n` or `on` is a string, not `false`/`true`.
-        options.strict_booleans = true;
-        match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
+        let limits = yaml::Limits { max_depth: MAX_DEPTH, max_alias_nodes: MAX_ALIAS_NODES };
+        match yaml::documents(text, limits) {
             Ok(d) => d,
             Err(e) => {
-                let msg = e.to_string();
-                let msg = msg.lines().next().unwrap_or("invalid YAML").to_string();
-                let line = e.location().map(|l| l.line() as usize).unwrap_or(1);
-                let document = document_at_line(text, line);
-                return Err(vec![whole(format!("invalid YAML at line {line}: {msg}"), document)]);
+                let msg = format!("invalid YAML at line {} column {}: {}", e.line, e.column, e.message);
+                return Err(vec![whole(msg, e.document)]);
             }
         }
     };
@@ -158,24 +146,6 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
-}
-
-/// The 1-based YAML document a line belongs to: a `---` starts a new document once the
-/// current one has content.
-fn document_at_line(text: &str, line: usize) -> usize {
-    let mut doc = 1;
-    let mut has_content = false;
-    for l in text.lines().take(line.saturating_sub(1)) {
-        if l.starts_with("---") {
-            if has_content {
-                doc += 1;
-                has_content = false;
-            }
-        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') {
-            has_content = true;
-        }
-    }
-    doc
 }
 
 fn list_of(items: Vec<Value>) -> Value {
