@@ -1,7 +1,7 @@
 //! The cluster's state as one value: what a watch, a manifests folder or the demo scenario has said
 //! so far. Objects are applied and deleted one at a time; a re-list replaces the whole state at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::input::Object;
 use crate::model::*;
@@ -110,6 +110,37 @@ impl Cluster {
         }
         for (k, subsets) in &self.legacy_endpoints {
             by.entry(k.clone()).or_insert_with(|| subsets.iter().collect());
+        }
+        by
+    }
+
+    /// The EndpointSlices of the given services only, as [`Cluster::slices_by_service`] gives them
+    /// (legacy `Endpoints` when a service has no real slice); services with none are left out.
+    ///
+    /// Slices are keyed by their own name, not by their service, so this walks the slices of the
+    /// services' namespaces (one string comparison each, nothing allocated): a partial sync of a
+    /// few services must not group the 10,000 others' slices as `slices_by_service` does.
+    pub fn slices_of<'a>(
+        &'a self,
+        services: &'a BTreeSet<ObjectKey>,
+    ) -> BTreeMap<&'a ObjectKey, Vec<&'a EndpointSlice>> {
+        let mut by: BTreeMap<&ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut namespaces: BTreeMap<&str, BTreeMap<&str, &ObjectKey>> = BTreeMap::new();
+        for k in services {
+            namespaces.entry(k.namespace.as_str()).or_default().insert(k.name.as_str(), k);
+        }
+        for (ns, names) in &namespaces {
+            let from = ObjectKey::new(*ns, "");
+            for (_, s) in self.endpoint_slices.range(from..).take_while(|(k, _)| k.namespace == *ns) {
+                if let Some(k) = names.get(s.service.as_str()) {
+                    by.entry(k).or_default().push(s);
+                }
+            }
+        }
+        for k in services {
+            if let (false, Some(subsets)) = (by.contains_key(k), self.legacy_endpoints.get(k)) {
+                by.insert(k, subsets.iter().collect());
+            }
         }
         by
     }

@@ -5,7 +5,8 @@
 //! The reference is kubernetes `pkg/proxy`: `CategorizeEndpoints` (topology.go) for endpoint
 //! selection, and the nftables/iptables proxiers' `syncProxyRules` for the filter verdicts.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -225,73 +226,207 @@ impl NodePlan {
 
 /// Computes the plan of `node` for `backend`.
 pub fn plan(cluster: &Cluster, node: &str, backend: Backend) -> NodePlan {
-    let this = cluster.nodes.get(node);
-    let node_ips = this.map(|n| n.ips()).unwrap_or_default();
-    let zone = this.and_then(|n| n.zone()).map(str::to_string);
-    let cfg = &cluster.config;
+    let here = Here::new(cluster, node);
     let slices = cluster.slices_by_service();
-
     let mut families = Vec::new();
     for family in [IpFamily::V4, IpFamily::V6] {
-        let fam_ips: Vec<IpAddr> = node_ips.iter().copied().filter(|ip| IpFamily::of(ip) == family).collect();
-        let primary_ip = this.and_then(|n| n.primary_ip(family));
         let mut services = Vec::new();
-        for svc in cluster.services.values().filter(|s| s.is_proxied()) {
-            let Some(cluster_ip) = svc.cluster_ips.iter().copied().find(|ip| IpFamily::of(ip) == family) else {
-                continue;
-            };
+        for svc in cluster.services.values() {
             let svc_slices = slices.get(&svc.key).map(Vec::as_slice).unwrap_or(&[]);
-            for port in &svc.ports {
-                services.push(plan_port(svc, port, cluster_ip, family, svc_slices, node, zone.as_deref(), primary_ip));
-            }
+            here.plan_service(svc, family, svc_slices, &mut services);
         }
-        let has_v6 = family == IpFamily::V6 && (!services.is_empty() || !fam_ips.is_empty());
-        if family == IpFamily::V6 && !has_v6 {
-            continue;
+        services.sort_by(by_name);
+        if let Some(f) = family_plan(cluster, &here, backend, family, services) {
+            families.push(f);
         }
-        services.sort_by(|a, b| a.name.cmp(&b.name).then(a.cluster_ip.cmp(&b.cluster_ip)));
-
-        let local_detector = match cfg.detect_local_mode {
-            LocalMode::ClusterCidr => {
-                let c: Vec<IpNet> =
-                    cfg.cluster_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
-                if c.is_empty() { LocalDetector::None } else { LocalDetector::Cidrs(c) }
-            }
-            LocalMode::NodeCidr => {
-                let c: Vec<IpNet> = this
-                    .map(|n| n.pod_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect())
-                    .unwrap_or_default();
-                if c.is_empty() { LocalDetector::None } else { LocalDetector::Cidrs(c) }
-            }
-            LocalMode::BridgeInterface | LocalMode::InterfaceNamePrefix => LocalDetector::None,
-        };
-        let service_cidrs = cluster
-            .service_cidrs
-            .values()
-            .flat_map(|c| c.cidrs.iter().copied())
-            .filter(|n| IpFamily::of_net(n) == family)
-            .collect();
-        families.push(FamilyPlan {
-            family,
-            node_port_addresses: node_port_addresses(cfg, backend, family, this, &fam_ips),
-            node_ips: fam_ips,
-            local_detector,
-            masquerade_all: match backend {
-                Backend::Nftables => cfg.nftables_masquerade_all,
-                Backend::Iptables | Backend::Ipvs => cfg.iptables_masquerade_all,
-            },
-            masquerade_mark: 1u32 << cfg.masquerade_bit,
-            localhost_node_ports: localhost_node_ports(backend, family, cfg),
-            service_cidrs,
-            services,
-            ipvs_scheduler: if cfg.ipvs_scheduler.is_empty() {
-                default_scheduler()
-            } else {
-                cfg.ipvs_scheduler.clone()
-            },
-        });
     }
     NodePlan { node: node.to_string(), backend, families }
+}
+
+/// The plan of `old.node` after only the Services in `changed` changed since `old` was planned
+/// (their Service object, their EndpointSlices or legacy Endpoints; added, edited or removed):
+/// `replan(&plan(a, ..), b, changed) == plan(b, ..)` when every Service whose object or endpoints
+/// differ between `a` and `b` is in `changed`, and nothing else differs.
+///
+/// Only the changed Services' ports are planned again; the rest of `old` is kept. Changes that
+/// reach every service (this node's addresses, zone or pod CIDRs, the proxy configuration,
+/// ServiceCIDRs) are not Services: plan them with [`plan`].
+pub fn replan(old: &NodePlan, cluster: &Cluster, changed: &BTreeSet<ObjectKey>) -> NodePlan {
+    let mut new = old.clone();
+    replan_in_place(&mut new, cluster, changed);
+    new
+}
+
+/// [`replan`] on a plan the caller owns: no unchanged service port is copied, which at 10,000
+/// services is most of the cost (cloning a plan that size takes milliseconds).
+pub fn replan_in_place(plan: &mut NodePlan, cluster: &Cluster, changed: &BTreeSet<ObjectKey>) {
+    if changed.is_empty() {
+        return;
+    }
+    let here = Here::new(cluster, &plan.node);
+    let slices = cluster.slices_of(changed);
+    let mut families = Vec::with_capacity(2);
+    let mut old_families = std::mem::take(&mut plan.families).into_iter().peekable();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        // The changed services' ports, sorted: `changed` iterates in key order, and a service's
+        // ports sort among themselves.
+        let mut fresh = Vec::new();
+        for key in changed {
+            if let Some(svc) = cluster.services.get(key) {
+                let svc_slices = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                here.plan_service(svc, family, svc_slices, &mut fresh);
+            }
+        }
+        fresh.sort_by(by_name);
+        let old = old_families.next_if(|f| f.family == family);
+        let services = match old {
+            Some(mut f) => {
+                merge_services(&mut f.services, fresh, changed);
+                // A family with neither services nor node addresses is not planned at all.
+                if family == IpFamily::V6 && f.services.is_empty() && f.node_ips.is_empty() {
+                    continue;
+                }
+                families.push(f);
+                continue;
+            }
+            None => fresh,
+        };
+        // The family appears: its settings depend on the node and configuration only.
+        if let Some(f) = family_plan(cluster, &here, plan.backend, family, services) {
+            families.push(f);
+        }
+    }
+    plan.families = families;
+}
+
+/// Order of service ports in a plan: by name (service, port, protocol), then cluster IP.
+fn by_name(a: &ServicePortPlan, b: &ServicePortPlan) -> Ordering {
+    a.name.cmp(&b.name).then(a.cluster_ip.cmp(&b.cluster_ip))
+}
+
+/// Replaces the ports of the `changed` services in `services` (sorted by [`by_name`]) with
+/// `fresh` (sorted too, and only of changed services).
+fn merge_services(services: &mut Vec<ServicePortPlan>, fresh: Vec<ServicePortPlan>, changed: &BTreeSet<ObjectKey>) {
+    // Each service's ports are one run of the sorted list. When every changed service keeps its
+    // number of ports (an endpoint change, the common case), they are swapped in where they are.
+    let run = |v: &[ServicePortPlan], k: &ObjectKey| {
+        let lo = v.partition_point(|s| &s.name.service < k);
+        lo..lo + v[lo..].partition_point(|s| &s.name.service <= k)
+    };
+    let mut runs = Vec::with_capacity(changed.len());
+    let mut at = 0;
+    let same_shape = changed.iter().all(|k| {
+        let (old, new) = (run(services, k), run(&fresh[at..], k));
+        at += new.len();
+        runs.push(old.clone());
+        old.len() == new.len()
+    });
+    if same_shape {
+        for (slot, s) in runs.into_iter().flatten().zip(fresh) {
+            services[slot] = s;
+        }
+        return;
+    }
+    // Otherwise one merge of the kept ports with the fresh ones, moving (never copying) them.
+    let old = std::mem::take(services);
+    services.reserve(old.len() + fresh.len());
+    let mut keys = changed.iter().peekable();
+    let mut fresh = fresh.into_iter().peekable();
+    for s in old {
+        while keys.next_if(|k| *k < &s.name.service).is_some() {}
+        if keys.peek().is_some_and(|k| *k == &s.name.service) {
+            continue;
+        }
+        while let Some(f) = fresh.next_if(|f| by_name(f, &s) == Ordering::Less) {
+            services.push(f);
+        }
+        services.push(s);
+    }
+    services.extend(fresh);
+}
+
+/// What every service port of one node needs to know about the node.
+struct Here<'a> {
+    name: &'a str,
+    node: Option<&'a Node>,
+    zone: Option<&'a str>,
+    /// The node's primary IPv4 and IPv6 addresses.
+    primary: [Option<IpAddr>; 2],
+}
+
+impl<'a> Here<'a> {
+    fn new(cluster: &'a Cluster, name: &'a str) -> Self {
+        let node = cluster.nodes.get(name);
+        let primary = |f| node.and_then(|n| n.primary_ip(f));
+        Here { name, node, zone: node.and_then(|n| n.zone()), primary: [primary(IpFamily::V4), primary(IpFamily::V6)] }
+    }
+
+    /// Appends the ports of `svc` in `family` (none when it is not proxied or has no cluster IP
+    /// of that family).
+    fn plan_service(&self, svc: &Service, family: IpFamily, slices: &[&EndpointSlice], out: &mut Vec<ServicePortPlan>) {
+        if !svc.is_proxied() {
+            return;
+        }
+        let Some(cluster_ip) = svc.cluster_ips.iter().copied().find(|ip| IpFamily::of(ip) == family) else {
+            return;
+        };
+        let primary_ip = self.primary[usize::from(family == IpFamily::V6)];
+        for port in &svc.ports {
+            out.push(plan_port(svc, port, cluster_ip, family, slices, self.name, self.zone, primary_ip));
+        }
+    }
+}
+
+/// One family's plan around its (sorted) service ports; `None` for an IPv6 family with neither
+/// services nor node addresses.
+fn family_plan(
+    cluster: &Cluster,
+    here: &Here<'_>,
+    backend: Backend,
+    family: IpFamily,
+    services: Vec<ServicePortPlan>,
+) -> Option<FamilyPlan> {
+    let cfg = &cluster.config;
+    let this = here.node;
+    let fam_ips: Vec<IpAddr> =
+        this.map(|n| n.ips()).unwrap_or_default().into_iter().filter(|ip| IpFamily::of(ip) == family).collect();
+    if family == IpFamily::V6 && services.is_empty() && fam_ips.is_empty() {
+        return None;
+    }
+    let local_detector = match cfg.detect_local_mode {
+        LocalMode::ClusterCidr => {
+            let c: Vec<IpNet> = cfg.cluster_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
+            if c.is_empty() { LocalDetector::None } else { LocalDetector::Cidrs(c) }
+        }
+        LocalMode::NodeCidr => {
+            let c: Vec<IpNet> = this
+                .map(|n| n.pod_cidrs.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect())
+                .unwrap_or_default();
+            if c.is_empty() { LocalDetector::None } else { LocalDetector::Cidrs(c) }
+        }
+        LocalMode::BridgeInterface | LocalMode::InterfaceNamePrefix => LocalDetector::None,
+    };
+    let service_cidrs = cluster
+        .service_cidrs
+        .values()
+        .flat_map(|c| c.cidrs.iter().copied())
+        .filter(|n| IpFamily::of_net(n) == family)
+        .collect();
+    Some(FamilyPlan {
+        family,
+        node_port_addresses: node_port_addresses(cfg, backend, family, this, &fam_ips),
+        node_ips: fam_ips,
+        local_detector,
+        masquerade_all: match backend {
+            Backend::Nftables => cfg.nftables_masquerade_all,
+            Backend::Iptables | Backend::Ipvs => cfg.iptables_masquerade_all,
+        },
+        masquerade_mark: 1u32 << cfg.masquerade_bit,
+        localhost_node_ports: localhost_node_ports(backend, family, cfg),
+        service_cidrs,
+        services,
+        ipvs_scheduler: if cfg.ipvs_scheduler.is_empty() { default_scheduler() } else { cfg.ipvs_scheduler.clone() },
+    })
 }
 
 /// Localhost NodePorts (IPv4 only, route_localnet) exist in kube-proxy's iptables mode
@@ -558,4 +693,102 @@ fn topology_mode(
         return TopologyMode::SameZone;
     }
     TopologyMode::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic;
+
+    const NODE: &str = "node-a";
+
+    /// 20 services, planned for node-a.
+    fn base() -> (Cluster, NodePlan) {
+        let c = synthetic::cluster(20, 3);
+        let p = plan(&c, NODE, Backend::Nftables);
+        (c, p)
+    }
+
+    fn keys(i: &[u32]) -> BTreeSet<ObjectKey> {
+        i.iter().map(|i| synthetic::service(*i).key).collect()
+    }
+
+    /// A removed Service's ports leave the plan; its slices left behind do not bring them back.
+    #[test]
+    fn replan_removed_service() {
+        let (mut c, old) = base();
+        c.services.remove(&synthetic::service(7).key);
+        let new = replan(&old, &c, &keys(&[7]));
+        assert_eq!(new, plan(&c, NODE, Backend::Nftables));
+        assert_eq!(new.families[0].services.len(), 19);
+    }
+
+    /// An added Service is planned and lands in its sorted place.
+    #[test]
+    fn replan_added_service() {
+        let (mut c, old) = base();
+        for i in [20, 105] {
+            let (s, sl) = (synthetic::service(i), synthetic::slice(i, 3, 0));
+            c.services.insert(s.key.clone(), s);
+            c.endpoint_slices.insert(sl.key.clone(), sl);
+        }
+        let new = replan(&old, &c, &keys(&[20, 105]));
+        assert_eq!(new, plan(&c, NODE, Backend::Nftables));
+        assert_eq!(new.families[0].services.len(), 22);
+    }
+
+    /// A Service whose port list changed (one port more, then one port fewer) and one whose
+    /// endpoints changed, in one replan.
+    #[test]
+    fn replan_changed_ports() {
+        let (mut c, old) = base();
+        let k = synthetic::service(3).key;
+        let svc = c.services.get_mut(&k).expect("svc3");
+        svc.ports.push(ServicePort {
+            name: "admin".into(),
+            protocol: Protocol::Tcp,
+            port: 9000,
+            target_port: TargetPort::Number(9000),
+            node_port: None,
+        });
+        let sl = synthetic::slice(9, 3, 1);
+        c.endpoint_slices.insert(sl.key.clone(), sl);
+        let grown = replan(&old, &c, &keys(&[3, 9]));
+        assert_eq!(grown, plan(&c, NODE, Backend::Nftables));
+        assert_eq!(grown.families[0].services.len(), 21);
+
+        c.services.get_mut(&k).expect("svc3").ports.remove(0);
+        let shrunk = replan(&grown, &c, &keys(&[3]));
+        assert_eq!(shrunk, plan(&c, NODE, Backend::Nftables));
+        assert_eq!(shrunk.families[0].services.len(), 20);
+    }
+
+    /// An IPv6 family appears with the first dual-stack service and goes with the last one.
+    #[test]
+    fn replan_family_comes_and_goes() {
+        let (mut c, old) = base();
+        let k = synthetic::service(4).key;
+        c.services.get_mut(&k).expect("svc4").cluster_ips.push("fd00::4".parse().expect("ip"));
+        let dual = replan(&old, &c, &keys(&[4]));
+        assert_eq!(dual, plan(&c, NODE, Backend::Nftables));
+        assert_eq!(dual.families.len(), 2);
+        c.services.get_mut(&k).expect("svc4").cluster_ips.truncate(1);
+        let single = replan(&dual, &c, &keys(&[4]));
+        assert_eq!(single, old);
+    }
+
+    /// Looking up a few services' slices finds what grouping every slice finds, and no more.
+    #[test]
+    fn slices_of_matches_slices_by_service() {
+        let (mut c, _) = base();
+        let legacy = synthetic::slice(30, 2, 0);
+        c.legacy_endpoints.insert(synthetic::service(30).key, vec![legacy]);
+        let want = keys(&[1, 10, 30, 99]);
+        let all = c.slices_by_service();
+        let got = c.slices_of(&want);
+        assert_eq!(got.len(), 3);
+        for (k, v) in got {
+            assert_eq!(Some(&v), all.get(k), "{k}");
+        }
+    }
 }
