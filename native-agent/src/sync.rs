@@ -8,7 +8,8 @@
 //!
 //! - **minSyncPeriod**: a sync starts at most once per `minSyncPeriod`; the first change after a
 //!   quiet spell syncs at once, and a burst of changes within the period becomes one sync;
-//! - **partial syncs**: only the services that changed since the last sync are compared
+//! - **partial syncs**: only the services that changed since the last sync are planned again
+//!   ([`policy::replan_in_place`], on a spare copy of the applied plan) and compared
 //!   (`render_incremental_for(.., Some(changed))`); an unchanged program writes nothing;
 //! - **full syncs** rewrite everything we own: the first sync, every `syncPeriod` (which repairs
 //!   drift, e.g. a rule deleted by hand), after a change that can touch every service (a Node,
@@ -202,6 +203,10 @@ pub struct State {
     cluster: Cluster,
     /// The plan whose program the kernel holds: the base of every partial sync.
     applied: Option<NodePlan>,
+    /// A copy of `applied` that the next partial sync replans in place. Copying a plan of
+    /// 10,000 services takes ~6 ms, so it is made after a sync reached the kernel, not on the
+    /// way from a change to the kernel.
+    spare: Option<NodePlan>,
     in_flight: Option<InFlight>,
     pending_services: BTreeSet<ObjectKey>,
     pending_endpoints: BTreeSet<ObjectKey>,
@@ -226,6 +231,7 @@ impl State {
             backoff,
             cluster: Cluster::default(),
             applied: None,
+            spare: None,
             in_flight: None,
             pending_services: BTreeSet::new(),
             pending_endpoints: BTreeSet::new(),
@@ -306,6 +312,7 @@ impl State {
                     }
                 }
                 self.applied = Some(f.plan);
+                self.spare = self.applied.clone();
                 if let Some(r) = f.rules {
                     self.rules = r;
                 }
@@ -376,23 +383,33 @@ impl State {
     }
 
     fn start(&mut self, now: Duration, full: bool, out: &mut Vec<Action>) {
-        let plan = policy::plan(&self.cluster, &self.node, self.backend);
         let changed: BTreeSet<ObjectKey> = self.pending_services.union(&self.pending_endpoints).cloned().collect();
         self.pending_services.clear();
         self.pending_endpoints.clear();
         self.pending_all = false;
         self.last_start = Some(now);
-        let (kind, program) = match (&self.applied, full) {
-            (Some(old), false) => (SyncKind::Partial, incremental(self.backend, old, &plan, &changed)),
+        let (kind, plan, program) = match (&self.applied, full) {
+            (Some(old), false) => {
+                // Only Services changed (anything that reaches every service makes the sync
+                // full): plan them again on the spare copy of the applied plan.
+                let mut plan = self.spare.take().unwrap_or_else(|| old.clone());
+                policy::replan_in_place(&mut plan, &self.cluster, &changed);
+                let program = incremental(self.backend, old, &plan, &changed);
+                (SyncKind::Partial, plan, program)
+            }
             _ => {
                 self.need_full = false;
-                (SyncKind::Full, full_program(self.backend, &plan))
+                self.spare = None;
+                let plan = policy::plan(&self.cluster, &self.node, self.backend);
+                let program = full_program(self.backend, &plan);
+                (SyncKind::Full, plan, program)
             }
         };
         let services = if kind == SyncKind::Partial { changed.into_iter().collect() } else { Vec::new() };
         if program.is_empty() {
             // Nothing to write: the kernel already holds this program.
             self.applied = Some(plan);
+            self.spare = self.applied.clone();
             let r = self.report(kind, now, Duration::ZERO, None, 0);
             out.push(Action::Report(SyncReport { services, ..r }));
             if let Some(at) = self.last_full.map(|t| t + self.sync_period()) {
@@ -640,6 +657,24 @@ mod tests {
         assert_eq!(wake(&a), Some(ms(10_100)));
         let a = s.step(Input::Tick { now: ms(10_100) });
         assert_eq!(applies(&a).first().map(|x| x.0), Some(SyncKind::Partial));
+    }
+
+    /// Partial syncs replan only the changed services, and land on the plan of the whole
+    /// cluster, sync after sync (the second one replans the spare copy the first one left).
+    #[test]
+    fn partial_syncs_land_on_the_full_plan() {
+        let mut s = synced();
+        let (c1, ch1) = without_nginx_endpoints(s.cluster());
+        let a = s.step(Input::Cluster { now: ms(1_000), cluster: c1, changes: ch1 });
+        assert_eq!(applies(&a).first().map(|x| x.0), Some(SyncKind::Partial));
+        s.step(ok(ms(1_001)));
+        let mut c2 = s.cluster().clone();
+        c2.services.retain(|k, _| k.name != "cart");
+        let ch2 = Changes { services: [ObjectKey::new("default", "cart")].into(), ..Changes::default() };
+        let a = s.step(Input::Cluster { now: ms(2_000), cluster: Box::new(c2), changes: ch2 });
+        assert_eq!(applies(&a).first().map(|x| x.0), Some(SyncKind::Partial));
+        s.step(ok(ms(2_001)));
+        assert_eq!(s.applied(), Some(&policy::plan(s.cluster(), "node-1", Backend::Nftables)));
     }
 
     #[test]
