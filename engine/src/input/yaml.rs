@@ -141,9 +141,10 @@ impl Reader {
             Some(Frame::Seq { items, .. }) => items.push(v),
             Some(Frame::Map { key: key @ None, .. }) => match v {
                 Value::String(s) => *key = Some((s, *span)),
-                Value::Null => *key = Some((String::new(), *span)),
                 Value::Bool(b) => *key = Some((b.to_string(), *span)),
                 Value::Number(n) => *key = Some((n.to_string(), *span)),
+                // As Kubernetes' YAML-to-JSON conversion: a null key has no JSON form.
+                Value::Null => return err(self, "a mapping key must not be empty (null)".into()),
                 _ => return err(self, "a mapping key must be a scalar".into()),
             },
             Some(Frame::Map { map, key: key @ Some(_), merges, .. }) => {
@@ -191,7 +192,10 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
         }
         _ => {}
     }
-    Ok(if plain && tag.is_none() { resolve(text) } else { Value::String(text.into()) })
+    // The non-specific tag `!` makes a plain scalar a string; other tags (local ones like `!foo`)
+    // mean nothing to Kubernetes and leave the value as written.
+    let non_specific = tag.is_some_and(|t| t.handle() == "!" && t.suffix().is_empty());
+    Ok(if plain && !non_specific { resolve(text) } else { Value::String(text.into()) })
 }
 
 /// YAML 1.2 core schema resolution of a plain scalar.
@@ -324,5 +328,74 @@ mod tests {
             ));
         }
         assert!(documents(&bomb, LIMITS).expect_err("bomb").message.contains("aliases expand"));
+    }
+
+    /// The YAML files of the repository and the fuzzers' corpus.
+    fn yaml_texts() -> Vec<(std::path::PathBuf, String)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut dirs = vec![root.join("fuzz/corpus/input_yaml"), root.join("fuzz/regressions/input_yaml")];
+        for d in ["deploy", "engine", "native-agent", "tests", "web-ui"] {
+            dirs.push(root.join(d));
+        }
+        let mut out = Vec::new();
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else { continue };
+            for p in entries.flatten().map(|e| e.path()) {
+                let corpus = d.ends_with("input_yaml");
+                if p.is_dir() && !p.ends_with("target") {
+                    dirs.push(p);
+                } else if corpus || p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                    if let Some(text) = std::fs::read(&p).ok().and_then(|b| String::from_utf8(b).ok()) {
+                        out.push((p, text));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Where two values first differ, for a readable failure.
+    fn difference(ours: &Value, theirs: &Value, at: &str) -> Option<String> {
+        match (ours, theirs) {
+            (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+                a.iter().zip(b).enumerate().find_map(|(i, (x, y))| difference(x, y, &format!("{at}[{i}]")))
+            }
+            (Value::Object(a), Value::Object(b)) if a.len() == b.len() => a.iter().find_map(|(k, x)| match b.get(k) {
+                Some(y) => difference(x, y, &format!("{at}.{k}")),
+                None => Some(format!("{at}.{k}: only ours")),
+            }),
+            _ if ours == theirs => None,
+            _ => Some(format!("{at}: ours {ours}, serde-saphyr's {theirs}")),
+        }
+    }
+
+    /// Differential: wherever serde-saphyr (the reader this one replaced) reads a text, this one reads
+    /// the same values, and it refuses what serde-saphyr refuses.
+    #[test]
+    fn reads_what_serde_saphyr_reads() {
+        let texts = yaml_texts();
+        assert!(texts.len() > 400, "only {} texts found", texts.len());
+        let (mut same, mut both_refused) = (0, 0);
+        for (path, text) in &texts {
+            let mut options = serde_saphyr::Options::default();
+            options.strict_booleans = true;
+            let theirs = serde_saphyr::from_multiple_with_options::<Value>(text, options);
+            let ours = documents(text, Limits { max_depth: 64, max_alias_nodes: 10_000_000 });
+            match (theirs, ours) {
+                (Ok(t), Ok(o)) => {
+                    // serde-saphyr drops null documents; so does `input::parse`.
+                    let o: Vec<Value> = o.into_iter().filter(|v| !v.is_null()).collect();
+                    let t: Vec<Value> = t.into_iter().filter(|v| !v.is_null()).collect();
+                    if let Some(d) = difference(&Value::Array(o), &Value::Array(t), "") {
+                        panic!("{}: {d}", path.display());
+                    }
+                    same += 1;
+                }
+                (Ok(t), Err(e)) => panic!("{}: serde-saphyr read {t:?}, we refused: {e:?}", path.display()),
+                (Err(_), Err(_)) => both_refused += 1,
+                (Err(e), Ok(_)) => panic!("{}: serde-saphyr refused ({e}), we read it", path.display()),
+            }
+        }
+        println!("{same} read alike, {both_refused} refused by both");
     }
 }
