@@ -26,6 +26,12 @@ pub const VERSION: u32 = 1;
 pub const RECENT_FLOWS: usize = 200;
 pub const RECENT_SYNCS: usize = 500;
 pub const RECENT_TIMELINE: usize = 500;
+/// How many services a sync event names; the others are only counted
+/// ([`SyncEvent::services_omitted`]). Under churn a partial sync is for thousands of services, and
+/// every sync event is kept twice, by the journal and by the snapshot's [`RECENT_SYNCS`]: naming
+/// them all made the agent's memory grow with every sync until those 500 were full (about 200 KB
+/// a sync at 1,000 endpoint changes/s over 10,000 Services, 100 MB at the bound).
+pub const SYNC_SERVICES_LISTED: usize = 20;
 
 /// Everything the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,11 +164,30 @@ pub struct SyncEvent {
     pub rules: usize,
     /// Lines of the transaction sent to the kernel.
     pub changed: usize,
-    /// The services the sync was for (empty for a full sync).
+    /// The services the sync was for (empty for a full sync), at most [`SYNC_SERVICES_LISTED`]
+    /// of them: see [`SyncEvent::with_services`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ObjectKey>,
+    /// How many more services the sync was for than `services` names.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub services_omitted: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl SyncEvent {
+    /// Names the first [`SYNC_SERVICES_LISTED`] of `services` and counts the rest, so that a
+    /// sync event's size does not grow with the number of services it was for.
+    pub fn with_services(mut self, services: &[ObjectKey]) -> Self {
+        let listed = services.len().min(SYNC_SERVICES_LISTED);
+        self.services = services[..listed].to_vec();
+        self.services_omitted = services.len() - listed;
+        self
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -489,6 +514,7 @@ mod tests {
             rules: 3,
             changed: 3,
             services: vec![],
+            services_omitted: 0,
             error: None,
         });
         let ev = ServerMessage::Event(Sequenced { seq: 2, time_ms: 0, event: sync });
@@ -497,6 +523,42 @@ mod tests {
         let bad = r#"{"type":"event","seq":1,"timeMs":0,"event":{"kind":"health","healthy":true,"extra":1}}"#;
         let err = ServerMessage::from_json(bad).expect_err("unknown field");
         assert!(err.to_string().contains("extra"), "{err}");
+    }
+
+    /// A sync event names at most `SYNC_SERVICES_LISTED` services and counts the others, on the
+    /// wire too.
+    #[test]
+    fn sync_events_name_a_bounded_number_of_services() {
+        let keys: Vec<ObjectKey> = (0..3_000).map(|i| ObjectKey::new("churn", format!("bulk-{i}"))).collect();
+        let blank = SyncEvent {
+            node: "node-1".into(),
+            backend: "nftables".into(),
+            kind: SyncKind::Partial,
+            ok: true,
+            duration_ms: 1.0,
+            render_ms: 0.5,
+            rules: 3,
+            changed: 3,
+            services: vec![],
+            services_omitted: 0,
+            error: None,
+        };
+        let big = blank.clone().with_services(&keys);
+        assert_eq!(big.services, keys[..SYNC_SERVICES_LISTED]);
+        assert_eq!(big.services_omitted, 3_000 - SYNC_SERVICES_LISTED);
+        let small = blank.clone().with_services(&keys[..2]);
+        assert_eq!((small.services.len(), small.services_omitted), (2, 0));
+        for e in [big, small] {
+            let m = ServerMessage::Event(Sequenced { seq: 1, time_ms: 0, event: Event::Sync(e) });
+            let text = m.to_json();
+            assert!(text.len() < 2_000, "{} bytes", text.len());
+            assert_eq!(ServerMessage::from_json(&text).expect("decodes"), m);
+        }
+        assert!(
+            !ServerMessage::Event(Sequenced { seq: 1, time_ms: 0, event: Event::Sync(blank) })
+                .to_json()
+                .contains("servicesOmitted")
+        );
     }
 
     /// A node that joins, one that leaves and one that changes are each said once.

@@ -372,9 +372,11 @@ pub fn sync_event(node: &str, backend: &str, r: &SyncReport, render: Duration) -
         render_ms: ms(render.min(r.took.max(render))),
         rules: r.rules,
         changed: r.changed,
-        services: r.services.clone(),
+        services: Vec::new(),
+        services_omitted: 0,
         error: r.error.clone(),
     }
+    .with_services(&r.services)
 }
 
 /// One client's view of the hub: the messages to send it, in order, with no gap and no
@@ -498,6 +500,50 @@ mod tests {
     fn event_json_is_the_protocol_message() {
         let e = Sequenced { seq: 7, time_ms: 9, event: health(7) };
         assert_eq!(event_json(&e), ServerMessage::Event(e.clone()).to_json());
+    }
+
+    /// What the hub keeps does not grow with the size of syncs: after more syncs of thousands of
+    /// services each than the snapshot keeps, the state holds `RECENT_SYNCS` sync events naming
+    /// at most `SYNC_SERVICES_LISTED` services each, and the snapshot's syncs stay small.
+    #[tokio::test]
+    async fn syncs_of_many_services_are_kept_bounded() {
+        use switchyard_engine::model::ObjectKey;
+        use switchyard_engine::protocol::{RECENT_SYNCS, SYNC_SERVICES_LISTED};
+        let services: Vec<ObjectKey> = (0..3_000).map(|i| ObjectKey::new("churn", format!("bulk-{i}"))).collect();
+        let report = SyncReport {
+            kind: crate::sync::SyncKind::Partial,
+            at: Duration::ZERO,
+            took: Duration::from_millis(500),
+            error: None,
+            wrote: true,
+            consecutive_failures: 0,
+            service_ports: 10_000,
+            endpoints: 100_000,
+            changed: 6_000,
+            rules: 330_000,
+            services,
+        };
+        let hub = Hub::start(source(), Cluster::default(), HubConfig { journal: 1_000, ..HubConfig::default() });
+        let n = RECENT_SYNCS + 100;
+        for i in 0..n {
+            hub.publish_at(i as u64, Event::Sync(sync_event("n1", "nftables", &report, Duration::from_millis(200))));
+        }
+        let state = hub.state().await.expect("hub");
+        assert_eq!(state.syncs.len(), RECENT_SYNCS);
+        let named: usize = state
+            .syncs
+            .iter()
+            .map(|e| match &e.event {
+                Event::Sync(s) => {
+                    assert_eq!(s.services.len() + s.services_omitted, 3_000, "each sync still counts them all");
+                    s.services.len()
+                }
+                other => panic!("not a sync: {other:?}"),
+            })
+            .sum();
+        assert_eq!(named, RECENT_SYNCS * SYNC_SERVICES_LISTED);
+        let snapshot = hub.snapshot().await.expect("hub");
+        assert!(snapshot.json.len() < RECENT_SYNCS * 2_000, "snapshot of {} bytes", snapshot.json.len());
     }
 
     /// A new client gets the snapshot, then every later event in order.

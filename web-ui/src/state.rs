@@ -802,6 +802,7 @@ mod tests {
             rules: 10,
             changed: 10,
             services: vec![],
+            services_omitted: 0,
             error: None,
         };
         m.reduce(Action::Events(vec![

@@ -11,7 +11,9 @@ use switchyard_engine::cluster::Cluster;
 use switchyard_engine::flow::DestinationKind;
 use switchyard_engine::model::{Endpoint, ObjectKey, Service, ServiceType, TargetPort};
 use switchyard_engine::policy::Backend;
-use switchyard_engine::protocol::{Event as StreamEvent, FlowEvent, NodeChange, Sequenced, SyncKind, WatchEvent};
+use switchyard_engine::protocol::{
+    Event as StreamEvent, FlowEvent, NodeChange, Sequenced, SyncEvent, SyncKind, WatchEvent,
+};
 
 use crate::charts::{Chart, ChartData};
 use crate::program::{self, ProgramLine};
@@ -31,6 +33,15 @@ fn kind_word(t: ServiceType, s: &Service) -> &'static str {
         ServiceType::LoadBalancer => "LoadBalancer",
         ServiceType::ExternalName => "ExternalName",
     }
+}
+
+/// The services a sync was for, and how many more it did not name.
+fn services_cell(x: &SyncEvent) -> String {
+    let mut text = x.services.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+    if x.services_omitted > 0 {
+        text.push_str(&format!(" and {} more", x.services_omitted));
+    }
+    text
 }
 
 fn ports_text(s: &Service) -> String {
@@ -420,7 +431,7 @@ pub fn events_view(m: &Model) -> Html {
                                 <td class="num">{ format!("{:.2}", x.duration_ms) }</td>
                                 <td class="num">{ x.rules }</td>
                                 <td class="num">{ x.changed }</td>
-                                <td>{ x.services.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ") }</td>
+                                <td>{ services_cell(x) }</td>
                             </tr>
                         }),
                         _ => None,

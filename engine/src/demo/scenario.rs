@@ -243,9 +243,11 @@ impl Scenario {
                     render_ms,
                     rules,
                     changed,
-                    services,
+                    services: Vec::new(),
+                    services_omitted: 0,
                     error: None,
                 }
+                .with_services(&services)
             }
             Err(e) => SyncEvent {
                 node: SYNC_NODE.into(),
@@ -256,9 +258,11 @@ impl Scenario {
                 render_ms,
                 rules: 0,
                 changed: 0,
-                services,
+                services: Vec::new(),
+                services_omitted: 0,
                 error: Some(e.to_string()),
-            },
+            }
+            .with_services(&services),
         };
         out.push((t, Event::Sync(event)));
     }
