@@ -9,8 +9,12 @@
 //!
 //! - full: render the whole program, then load it (`nft -f`, `iptables-restore`, or the ipset and
 //!   iptables parts of the IPVS program: this kernel has no IPVS module, so `ipvsadm` is skipped);
-//! - one endpoint change: plan the new cluster, render the transaction for the one changed service,
-//!   apply it; five times back and forth, the median;
+//! - one endpoint change: plan the changed service again (`policy::replan_in_place`, as the agent
+//!   does), render the transaction for it, apply it; five times back and forth, the median;
+//! - one endpoint change through the agent's own path (nftables): the cluster is a manifests
+//!   folder (10 Services and their slices per file); one file is rewritten, then timed: the
+//!   source's reload (read, parse the changed file, rebuild the cluster, diff), the stream's watch
+//!   events, the sync loop's step (replan + render), and `nft -f`; the median of ten;
 //! - connect: `connect()` from the node to a ClusterIP, DNATed to a local listener, for the first
 //!   and the last service of the program; the median and p99 of 2,000 connections.
 
@@ -22,6 +26,9 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use switchyard_agent::apply::{iptables, ipvs, nftables};
+use switchyard_agent::source::ManifestSource;
+use switchyard_agent::stream;
+use switchyard_agent::sync::{self, Action};
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::model::{ObjectKey, Protocol};
 use switchyard_engine::policy::{self, Backend, NodePlan};
@@ -80,6 +87,16 @@ fn main() -> ExitCode {
             }
             let _ = std::io::stdout().flush();
         }
+    }
+    println!();
+    println!("| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | render | nft |");
+    println!("|---|---|---|---|---|---|---|");
+    for n in sizes_again(&args) {
+        match agent_path(n) {
+            Ok(row) => println!("{row}"),
+            Err(e) => println!("| {n} | failed: {e} | | | | | |"),
+        }
+        let _ = std::io::stdout().flush();
     }
     ExitCode::SUCCESS
 }
@@ -155,17 +172,20 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
     let hint: BTreeSet<ObjectKey> = BTreeSet::from([key]);
     let mut render_change = Vec::new();
     let mut kernel_change = Vec::new();
-    let mut plans = (old_plan, None::<NodePlan>);
+    let mut applied: NodePlan = old_plan;
     for round in 0..10 {
         let target = if round % 2 == 0 { after } else { before };
+        // The agent keeps a spare copy of the applied plan to replan in place (copied after the
+        // previous sync, off this path).
+        let mut new_plan = applied.clone();
         let t = Instant::now();
-        let new_plan = policy::plan(target, NODE, backend);
-        let txn = incremental(backend, &plans.0, &new_plan, &hint);
+        policy::replan_in_place(&mut new_plan, target, &hint);
+        let txn = incremental(backend, &applied, &new_plan, &hint);
         render_change.push(t.elapsed());
         let t = Instant::now();
         load_incremental(bench, &ns.name, &txn)?;
         kernel_change.push(t.elapsed());
-        plans = (new_plan, None);
+        applied = new_plan;
     }
 
     let connects = if matches!(bench, Bench::Ipvs) {
@@ -384,4 +404,158 @@ fn connect_child(args: &[String]) -> ExitCode {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("{:.0} / {:.0} µs", us(times[times.len() / 2]), us(times[times.len() * 99 / 100]));
     ExitCode::SUCCESS
+}
+
+fn sizes_again(args: &[String]) -> Vec<u32> {
+    if args.is_empty() { vec![1_000, 10_000] } else { args.iter().filter_map(|a| a.parse().ok()).collect() }
+}
+
+/// Services per manifest file, as the churn run writes them.
+const PER_FILE: u32 = 10;
+
+/// A manifests folder deleted on drop.
+struct Folder(std::path::PathBuf);
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The nodes, ServiceCIDR and proxy configuration of `synthetic::cluster`, as manifests.
+fn cluster_yaml() -> String {
+    let mut s = String::new();
+    for n in synthetic::nodes() {
+        let ip = &n.addresses[0].address;
+        let zone = n.zone().unwrap_or_default();
+        s += &format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    topology.kubernetes.io/zone: {zone}\nspec:\n  podCIDR: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n---\n",
+            n.name, n.pod_cidrs[0]
+        );
+    }
+    s += "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [\"172.16.0.0/12\"]\n---\n";
+    s += "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.0.0.0/8\n";
+    s
+}
+
+/// Services `first..first + PER_FILE` (below `n`) and their slices; `changed` gets generation `gen`.
+fn services_yaml(first: u32, n: u32, changed: u32, generation: u32) -> String {
+    let mut s = String::new();
+    for i in first..(first + PER_FILE).min(n) {
+        let svc = synthetic::service(i);
+        let sl = synthetic::slice(i, ENDPOINTS, if i == changed { generation } else { 0 });
+        let port = &svc.ports[0];
+        let proto = if port.protocol == Protocol::Udp { "UDP" } else { "TCP" };
+        let ty = format!("{:?}", svc.service_type);
+        s += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: {ty}\n  clusterIP: {}\n",
+            svc.key.name, svc.key.namespace, svc.cluster_ips[0]
+        );
+        if svc.external_traffic_policy_local {
+            s += "  externalTrafficPolicy: Local\n";
+        }
+        s += &format!(
+            "  ports:\n  - name: {}\n    protocol: {proto}\n    port: {}\n    targetPort: 8080\n",
+            port.name, port.port
+        );
+        if let Some(np) = port.node_port {
+            s += &format!("    nodePort: {np}\n");
+        }
+        if let Some(ip) = svc.load_balancer_ingress.first().and_then(|i| i.ip) {
+            s += &format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n");
+        }
+        s += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: IPv4\nports:\n- name: {}\n  protocol: {proto}\n  port: 8080\nendpoints:\n",
+            sl.key.name, sl.key.namespace, sl.service, port.name
+        );
+        for e in &sl.endpoints {
+            s += &format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {}\n",
+                e.address,
+                e.node_name.as_deref().unwrap_or_default()
+            );
+        }
+        s += "---\n";
+    }
+    s
+}
+
+/// One endpoint change from a rewritten manifest to the kernel, through the agent's source, event
+/// stream and sync loop (what `switchyard agent --manifests` runs), for nftables.
+fn agent_path(n: u32) -> Result<String, String> {
+    let ns = Netns::new()?;
+    ns.prepare_node(&[])?;
+    let dir = Folder(std::env::temp_dir().join(format!("sy-kb-{}-manifests-{n}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
+    let write = |name: String, text: String| std::fs::write(dir.0.join(name), text).map_err(|e| e.to_string());
+    write("00-cluster.yaml".into(), cluster_yaml())?;
+    let changed = n / 2;
+    let file_of = |i: u32| format!("svc-{:05}.yaml", i / PER_FILE);
+    for first in (0..n).step_by(PER_FILE as usize) {
+        write(file_of(first), services_yaml(first, n, changed, 0))?;
+    }
+    let mut source = ManifestSource::new(&dir.0);
+    let r = source.reload();
+    if !r.errors.is_empty() {
+        return Err(format!("manifests: {}", r.errors.join("; ")));
+    }
+    let mut state = sync::State::new(NODE, Backend::Nftables, sync::Backoff::default());
+    let kernel = |program: &str| {
+        nftables::NftApplier::apply(&mut nftables::Kernel::in_netns(&ns.name), program).map_err(|e| e.to_string())
+    };
+    let first =
+        sync::Input::Cluster { now: Duration::ZERO, cluster: Box::new(source.cluster().clone()), changes: r.changes };
+    let Some(program) = apply_of(state.step(first)) else { return Err("no first sync".into()) };
+    kernel(&program)?;
+    state.step(sync::Input::Applied { now: Duration::from_millis(1), took: Duration::ZERO, error: None });
+
+    let (mut total, mut reload, mut events, mut plan, mut render, mut nft) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..10u32 {
+        let first_of_file = changed / PER_FILE * PER_FILE;
+        write(file_of(changed), services_yaml(first_of_file, n, changed, (round + 1) % 2))?;
+        // Two seconds apart: past minSyncPeriod (1 s), before the periodic full sync (30 s).
+        let now = Duration::from_secs(2 * u64::from(round + 1));
+        let t0 = Instant::now();
+        let r = source.reload();
+        let input = sync::Input::Cluster { now, cluster: Box::new(source.cluster().clone()), changes: r.changes };
+        let t1 = Instant::now();
+        let sync::Input::Cluster { cluster: new_cluster, .. } = &input else { unreachable!() };
+        let ev = stream::cluster_events(state.cluster(), new_cluster, false);
+        let t2 = Instant::now();
+        // The plan share, measured apart on a copy (the step below replans the same services).
+        let keys: BTreeSet<ObjectKey> = [synthetic::service(changed).key].into();
+        let (mut copy, cluster_copy) = (state.applied().cloned().ok_or("no plan")?, new_cluster.clone());
+        let tp = Instant::now();
+        policy::replan_in_place(&mut copy, &cluster_copy, &keys);
+        plan.push(tp.elapsed());
+        let t3 = Instant::now();
+        let Some(program) = apply_of(state.step(input)) else { return Err(format!("round {round}: no sync")) };
+        let t4 = Instant::now();
+        kernel(&program)?;
+        let t5 = Instant::now();
+        state.step(sync::Input::Applied { now: now + Duration::from_millis(1), took: t5 - t3, error: None });
+        drop(ev);
+        reload.push(t1 - t0);
+        events.push(t2 - t1);
+        render.push((t4 - t3).saturating_sub(*plan.last().unwrap_or(&Duration::ZERO)));
+        nft.push(t5 - t4);
+        total.push((t1 - t0) + (t2 - t1) + (t4 - t3) + (t5 - t4));
+    }
+    Ok(format!(
+        "| {n} | {} | {} | {} | {} | {} | {} |",
+        ms(median(&mut total)),
+        ms(median(&mut reload)),
+        ms(median(&mut events)),
+        ms(median(&mut plan)),
+        ms(median(&mut render)),
+        ms(median(&mut nft)),
+    ))
+}
+
+fn apply_of(actions: Vec<Action>) -> Option<String> {
+    actions.into_iter().find_map(|a| match a {
+        Action::Apply { program, .. } => Some(program),
+        _ => None,
+    })
 }
