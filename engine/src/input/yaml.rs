@@ -72,7 +72,7 @@ impl Reader {
                 Event::DocumentEnd if self.docs.len() < self.document => self.docs.push(Value::Null),
                 Event::Scalar(text, style, anchor, tag) => {
                     let v = scalar(&text, style, tag.as_deref()).map_err(|m| self.error(&span, m))?;
-                    self.node(v, anchor, &span)?;
+                    self.node(v, anchor, &span, Some(&text))?;
                 }
                 Event::Alias(id) => {
                     let (v, n) = self.anchors.get(&id).cloned().ok_or_else(|| self.error(&span, "unknown alias"))?;
@@ -81,7 +81,7 @@ impl Reader {
                         let max = self.limits.max_alias_nodes;
                         return Err(self.error(&span, format!("aliases expand to more than {max} nodes")));
                     }
-                    self.node(v, 0, &span)?;
+                    self.node(v, 0, &span, None)?;
                 }
                 Event::SequenceStart(_, anchor, _) => self.open(Frame::Seq { items: Vec::new(), anchor }, &span)?,
                 Event::MappingStart(_, anchor, _) => {
@@ -89,7 +89,7 @@ impl Reader {
                 }
                 Event::SequenceEnd => {
                     if let Some(Frame::Seq { items, anchor }) = self.stack.pop() {
-                        self.node(Value::Array(items), anchor, &span)?;
+                        self.node(Value::Array(items), anchor, &span, None)?;
                     }
                 }
                 Event::MappingEnd => {
@@ -100,7 +100,7 @@ impl Reader {
                                 map.entry(k.clone()).or_insert_with(|| v.clone());
                             }
                         }
-                        self.node(Value::Object(map), anchor, &span)?;
+                        self.node(Value::Object(map), anchor, &span, None)?;
                     }
                 }
                 _ => {}
@@ -130,8 +130,9 @@ impl Reader {
         Ok(())
     }
 
-    /// A finished node: remember it if anchored, then place it in its parent.
-    fn node(&mut self, v: Value, anchor: usize, span: &Span) -> Result<(), YamlError> {
+    /// A finished node: remember it if anchored, then place it in its parent. A scalar key keeps
+    /// its `text` as written (`.5: x` is the key ".5", as serde-saphyr and kubectl have it).
+    fn node(&mut self, v: Value, anchor: usize, span: &Span, text: Option<&str>) -> Result<(), YamlError> {
         if anchor != 0 {
             self.anchors.insert(anchor, (v.clone(), count(&v)));
         }
@@ -139,12 +140,13 @@ impl Reader {
         match self.stack.last_mut() {
             None => self.docs.push(v),
             Some(Frame::Seq { items, .. }) => items.push(v),
-            Some(Frame::Map { key: key @ None, .. }) => match v {
-                Value::String(s) => *key = Some((s, *span)),
-                Value::Bool(b) => *key = Some((b.to_string(), *span)),
-                Value::Number(n) => *key = Some((n.to_string(), *span)),
+            Some(Frame::Map { key: key @ None, .. }) => match (v, text) {
+                (Value::String(s), None) => *key = Some((s, *span)),
+                (Value::Bool(b), None) => *key = Some((b.to_string(), *span)),
+                (Value::Number(n), None) => *key = Some((n.to_string(), *span)),
+                (Value::String(_) | Value::Bool(_) | Value::Number(_), Some(t)) => *key = Some((t.into(), *span)),
                 // As Kubernetes' YAML-to-JSON conversion: a null key has no JSON form.
-                Value::Null => return err(self, "a mapping key must not be empty (null)".into()),
+                (Value::Null, _) => return err(self, "a mapping key must not be empty (null)".into()),
                 _ => return err(self, "a mapping key must be a scalar".into()),
             },
             Some(Frame::Map { map, key: key @ Some(_), merges, .. }) => {
@@ -183,7 +185,7 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
         Some("str") => return Ok(Value::String(text.into())),
         Some("null") => return Ok(Value::Null),
         Some(t @ ("bool" | "int" | "float")) => {
-            return match resolve(text) {
+            return match resolve(text)? {
                 v @ Value::Bool(_) if t == "bool" => Ok(v),
                 Value::Number(n) if t == "int" && !n.is_f64() => Ok(Value::Number(n)),
                 Value::Number(n) if t == "float" => Ok(Value::Number(n)),
@@ -194,45 +196,47 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
     }
     // The non-specific tag `!` makes a plain scalar a string; other tags (local ones like `!foo`)
     // mean nothing to Kubernetes and leave the value as written.
-    let non_specific = tag.is_some_and(|t| t.handle() == "!" && t.suffix().is_empty());
-    Ok(if plain && !non_specific { resolve(text) } else { Value::String(text.into()) })
+    let non_specific = tag.is_some_and(|t| t.handle().is_empty() && t.suffix() == "!");
+    if plain && !non_specific { resolve(text) } else { Ok(Value::String(text.into())) }
 }
 
 /// YAML 1.2 core schema resolution of a plain scalar.
-fn resolve(s: &str) -> Value {
+fn resolve(s: &str) -> Result<Value, String> {
     match s {
-        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
-        "true" | "True" | "TRUE" => return Value::Bool(true),
-        "false" | "False" | "FALSE" => return Value::Bool(false),
+        "" | "~" | "null" | "Null" | "NULL" => return Ok(Value::Null),
+        "true" | "True" | "TRUE" => return Ok(Value::Bool(true)),
+        "false" | "False" | "FALSE" => return Ok(Value::Bool(false)),
         _ => {}
     }
     let b = s.as_bytes();
     let digits = |t: &str, radix: u32| !t.is_empty() && t.chars().all(|c| c.is_digit(radix));
     if let Some(h) = s.strip_prefix("0x").filter(|h| digits(h, 16)) {
         if let Ok(n) = u64::from_str_radix(h, 16) {
-            return Value::Number(n.into());
+            return Ok(Value::Number(n.into()));
         }
     } else if let Some(o) = s.strip_prefix("0o").filter(|o| digits(o, 8)) {
         if let Ok(n) = u64::from_str_radix(o, 8) {
-            return Value::Number(n.into());
+            return Ok(Value::Number(n.into()));
         }
     } else if digits(s.strip_prefix(['-', '+']).unwrap_or(s), 10) {
         if let Ok(n) = s.parse::<i64>() {
-            return Value::Number(n.into());
+            return Ok(Value::Number(n.into()));
         }
         if let Ok(n) = s.trim_start_matches('+').parse::<u64>() {
-            return Value::Number(n.into());
+            return Ok(Value::Number(n.into()));
         }
     }
-    // Floats: [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?. Infinity and NaN have no JSON
-    // number, so they stay strings.
-    if b.first().is_some_and(|c| c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'+'))
-        && is_float(s)
-        && let Some(n) = s.parse::<f64>().ok().and_then(Number::from_f64)
-    {
-        return Value::Number(n);
+    // Floats: [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?. `.inf` and `.nan` have no JSON
+    // number and stay strings; a literal too large for a double is an error.
+    if b.first().is_some_and(|c| c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'+')) && is_float(s) {
+        return s
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| format!("`{s}` is out of range for a number"));
     }
-    Value::String(s.into())
+    Ok(Value::String(s.into()))
 }
 
 fn is_float(s: &str) -> bool {
@@ -364,6 +368,8 @@ mod tests {
                 Some(y) => difference(x, y, &format!("{at}.{k}")),
                 None => Some(format!("{at}.{k}: only ours")),
             }),
+            // YAML 1.2 reads `007` as the integer 7; serde-saphyr reads 7.0. The same number either way.
+            (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
             _ if ours == theirs => None,
             _ => Some(format!("{at}: ours {ours}, serde-saphyr's {theirs}")),
         }
