@@ -12,7 +12,9 @@
 //!
 //! Recorded every `--sample-seconds`: sync duration p50/p99 (the stream's `durationMs`, render
 //! and kernel), end-to-end latency (manifest written → sync completed, for the tracked Services)
-//! and the agent's RSS (`/proc/PID/status`). Written to `--out`: `churn.md` (the table), `churn.svg`
+//! and the agent's RSS (`/proc/PID/status`). Memory is judged flat when a least-squares line
+//! through the RSS samples of the run's second half (at most its last 5 minutes) rises or falls
+//! by at most [`FLAT_MIB_PER_MIN`]; a run of 5 minutes or more fails otherwise. Written to `--out`: `churn.md` (the table), `churn.svg`
 //! (the plot, drawn with plotters) and `churn.csv` (the samples).
 //!
 //! ```text
@@ -476,6 +478,7 @@ fn main() -> anyhow::Result<()> {
     let span = 60f64.min(secs / 4.0);
     let slack = args.sample_seconds as f64 / 2.0;
     let (early, late) = (rss_at(0.0, span + slack), rss_at(secs - span - slack, secs + slack));
+    let memory = Memory::of(&samples, secs);
 
     std::fs::create_dir_all(&args.out)?;
     let machine = machine();
@@ -539,6 +542,17 @@ fn main() -> anyhow::Result<()> {
         "| agent RSS | median {early:.0} MiB in the first minute, {late:.0} MiB in the last; max {:.0} MiB |",
         samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max)
     );
+    let _ = writeln!(
+        md,
+        "| **agent RSS over t = {:.0}–{:.0} s** | **{}**: least-squares slope {:+.2} MiB/min (flat: within ±{FLAT_MIB_PER_MIN} MiB/min), range {:.0}–{:.0} MiB over {} samples |",
+        memory.from,
+        secs,
+        if memory.flat() { "flat" } else { "not flat" },
+        memory.slope_per_min,
+        memory.min,
+        memory.max,
+        memory.samples
+    );
     let _ = writeln!(md, "\nEvery {} s (sync figures over the window before):\n", args.sample_seconds);
     let _ = writeln!(
         md,
@@ -566,7 +580,7 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::write(args.out.join("churn.md"), &md)?;
     std::fs::write(args.out.join("churn.csv"), &csv)?;
-    plot(&args.out.join("churn.svg"), &samples).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    plot(&args.out.join("churn.svg"), &samples, &memory).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     println!("{md}");
     eprintln!("churn: wrote {}/churn.md, churn.svg, churn.csv", args.out.display());
     if !violations.is_empty() {
@@ -575,7 +589,60 @@ fn main() -> anyhow::Result<()> {
     if checked == 0 {
         bail!("no connection could be checked");
     }
+    if secs >= FLAT_MIN_SECONDS && !memory.flat() {
+        bail!(
+            "the agent's memory is not flat: {:+.2} MiB/min over the last {:.0} s",
+            memory.slope_per_min,
+            secs - memory.from
+        );
+    }
     Ok(())
+}
+
+/// The slope, in MiB per minute, under which the agent's RSS counts as flat. Growth at that rate
+/// would be 60 MiB an hour, a sixth of the agent's size here; the leak this guards against (every
+/// sync event named all its services and 500 were kept) grew about 6 MiB/min.
+const FLAT_MIB_PER_MIN: f64 = 1.0;
+/// Runs shorter than this only report the memory figures: the window would be mostly warm-up.
+const FLAT_MIN_SECONDS: f64 = 300.0;
+
+/// The agent's RSS over the second half of the run (at most its last 5 minutes): the first
+/// minutes are warm-up (the journal of 10,000 events, the broadcast ring and the snapshot's
+/// recent events fill, and the allocator reaches its working set).
+struct Memory {
+    /// Where the window starts (s).
+    from: f64,
+    samples: usize,
+    /// Of a least-squares line through the window's samples.
+    slope_per_min: f64,
+    /// The fit's value at `from`, for the plot.
+    intercept: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Memory {
+    fn of(samples: &[Sample], secs: f64) -> Memory {
+        let from = secs - (secs / 2.0).min(300.0);
+        let w: Vec<(f64, f64)> = samples.iter().filter(|s| s.t >= from).map(|s| (s.t - from, s.rss_mib)).collect();
+        let n = w.len() as f64;
+        let (mx, my) = (w.iter().map(|p| p.0).sum::<f64>() / n, w.iter().map(|p| p.1).sum::<f64>() / n);
+        let sxx: f64 = w.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = w.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let slope = if sxx > 0.0 { sxy / sxx } else { f64::NAN };
+        Memory {
+            from,
+            samples: w.len(),
+            slope_per_min: slope * 60.0,
+            intercept: my - slope * mx,
+            min: w.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
+            max: w.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+
+    fn flat(&self) -> bool {
+        self.slope_per_min.abs() <= FLAT_MIB_PER_MIN
+    }
 }
 
 /// CPU model, cores and kernel, for the table.
@@ -589,7 +656,7 @@ fn machine() -> String {
 }
 
 /// Sync latency (top) and agent RSS (bottom) over time.
-fn plot(path: &std::path::Path, samples: &[Sample]) -> Result<(), Box<dyn std::error::Error>> {
+fn plot(path: &std::path::Path, samples: &[Sample], memory: &Memory) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -626,7 +693,20 @@ fn plot(path: &std::path::Path, samples: &[Sample]) -> Result<(), Box<dyn std::e
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..t_max, 0.0..m_max)?;
     m.configure_mesh().x_desc("time (s)").draw()?;
-    m.draw_series(LineSeries::new(samples.iter().map(|s| (s.t, s.rss_mib)), &GREEN))?;
+    m.draw_series(LineSeries::new(samples.iter().map(|s| (s.t, s.rss_mib)), &GREEN))?
+        .label("RSS")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    if memory.slope_per_min.is_finite() {
+        let fit = |t: f64| memory.intercept + memory.slope_per_min / 60.0 * (t - memory.from);
+        m.draw_series(LineSeries::new([(memory.from, fit(memory.from)), (t_max, fit(t_max))], BLACK.stroke_width(2)))?
+            .label(format!("least-squares fit: {:+.2} MiB/min", memory.slope_per_min))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    }
+    m.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
