@@ -14,7 +14,7 @@
 //! origin (the `Origin` header matches `Host`); every response carries a strict
 //! Content-Security-Policy and friends. Cluster names only ever travel as JSON strings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -475,6 +475,16 @@ async fn livez() -> Response {
 struct Ui {
     dir: Option<PathBuf>,
     csp: HeaderValue,
+    /// Gzipped files, compressed on first request: the wasm is a third of its size gzipped.
+    gzipped: std::sync::Mutex<HashMap<PathBuf, Gzipped>>,
+}
+
+/// One file's gzip form, and the version of the file it was made from.
+#[derive(Clone)]
+struct Gzipped {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    body: axum::body::Bytes,
 }
 
 const NOT_BUILT: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Switchyard</title></head>\n<body><h1>Switchyard</h1>\n<p>The dashboard is not built. Build it with <code>cargo xtask demo</code> (or <code>trunk build</code> at the\nworkspace root), or point <code>--ui-dir</code> at Trunk's <code>dist/</code> folder.</p>\n<p>The API answers meanwhile: <a href=\"/api/v1/snapshot\">/api/v1/snapshot</a>, <code>/api/v1/events</code> (WebSocket),\n<a href=\"/metrics\">/metrics</a>, <a href=\"/healthz\">/healthz</a>.</p>\n</body></html>\n";
@@ -484,8 +494,50 @@ impl Ui {
         let dir = dir.filter(|d| d.join("index.html").is_file()).map(Path::to_path_buf);
         let inline = dir.as_ref().and_then(|d| std::fs::read_to_string(d.join("index.html")).ok()).unwrap_or_default();
         let csp = csp(&inline_script_hashes(&inline));
-        Ui { dir, csp: HeaderValue::from_str(&csp).unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'")) }
+        let csp = HeaderValue::from_str(&csp).unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'"));
+        Ui { dir, csp, gzipped: Default::default() }
     }
+
+    /// `path`'s gzip form, from the cache while the file is unchanged.
+    async fn gzipped(&self, path: &Path) -> Option<axum::body::Bytes> {
+        let meta = tokio::fs::metadata(path).await.ok()?;
+        let (len, modified) = (meta.len(), meta.modified().ok());
+        let cached = self.gzipped.lock().ok()?.get(path).cloned();
+        if let Some(g) = cached.filter(|g| g.len == len && g.modified == modified) {
+            return Some(g.body);
+        }
+        let bytes = tokio::fs::read(path).await.ok()?;
+        let body = tokio::task::spawn_blocking(move || gzip(&bytes)).await.ok()??;
+        let entry = Gzipped { len, modified, body: body.clone() };
+        self.gzipped.lock().ok()?.insert(path.to_path_buf(), entry);
+        Some(body)
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Option<axum::body::Bytes> {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 3), flate2::Compression::best());
+    z.write_all(bytes).ok()?;
+    z.finish().ok().map(Into::into)
+}
+
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `*`, and not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let Some(v) = headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()) else { return false };
+    v.split(',').any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or("");
+        let refused = parts.any(|p| p.strip_prefix("q=").is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0)));
+        (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+    })
+}
+
+/// Text and wasm shrink; images are compressed already.
+fn compressible(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("wasm" | "js" | "mjs" | "css" | "html" | "json" | "svg" | "map" | "txt")
+    )
 }
 
 /// `default-src 'self'; script-src 'self' 'wasm-unsafe-eval'` plus the hashes of the inline
@@ -519,7 +571,7 @@ fn inline_script_hashes(html: &str) -> Vec<String> {
     out
 }
 
-async fn static_file(State(app): State<App>, uri: Uri) -> Response {
+async fn static_file(State(app): State<App>, uri: Uri, headers: HeaderMap) -> Response {
     let Some(dir) = &app.ui.dir else {
         return ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], NOT_BUILT).into_response();
     };
@@ -532,11 +584,29 @@ async fn static_file(State(app): State<App>, uri: Uri) -> Response {
     if !plain {
         return error(StatusCode::NOT_FOUND, "no such file", None);
     }
-    match tokio::fs::read(dir.join(rel)).await {
+    let cache = if path == "index.html" { "no-cache" } else { "public, max-age=300" };
+    let file = dir.join(rel);
+    if compressible(rel)
+        && accepts_gzip(&headers)
+        && file.is_file()
+        && let Some(body) = app.ui.gzipped(&file).await
+    {
+        let h = [
+            (header::CONTENT_TYPE, content_type(rel)),
+            (header::CACHE_CONTROL, cache),
+            (header::CONTENT_ENCODING, "gzip"),
+            (header::VARY, "accept-encoding"),
+        ];
+        return (h, Body::from(body)).into_response();
+    }
+    match tokio::fs::read(&file).await {
         Ok(bytes) => {
-            let cache = if path == "index.html" { "no-cache" } else { "public, max-age=300" };
-            ([(header::CONTENT_TYPE, content_type(rel)), (header::CACHE_CONTROL, cache)], Body::from(bytes))
-                .into_response()
+            let h = [
+                (header::CONTENT_TYPE, content_type(rel)),
+                (header::CACHE_CONTROL, cache),
+                (header::VARY, "accept-encoding"),
+            ];
+            (h, Body::from(bytes)).into_response()
         }
         Err(_) => error(StatusCode::NOT_FOUND, "no such file", None),
     }
@@ -573,6 +643,22 @@ pub fn default_ui_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_encoding_is_read_as_http_says() {
+        let accepts = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).expect("header"));
+            accepts_gzip(&h)
+        };
+        assert!(accepts("gzip, deflate, br, zstd"));
+        assert!(accepts("br;q=1.0, GZIP;q=0.5"));
+        assert!(accepts("*"));
+        assert!(!accepts("br, zstd"));
+        assert!(!accepts("gzip;q=0"));
+        assert!(!accepts("identity"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
