@@ -89,7 +89,9 @@ fn main() -> ExitCode {
         }
     }
     println!();
-    println!("| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | render | nft |");
+    println!(
+        "| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | rest of the step (render, old cluster freed) | nft |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for n in sizes_again(&args) {
         match agent_path(n) {
