@@ -348,10 +348,10 @@ mod tests {
                 let corpus = d.ends_with("input_yaml");
                 if p.is_dir() && !p.ends_with("target") {
                     dirs.push(p);
-                } else if corpus || p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
-                    if let Some(text) = std::fs::read(&p).ok().and_then(|b| String::from_utf8(b).ok()) {
-                        out.push((p, text));
-                    }
+                } else if (corpus || p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    && let Some(text) = std::fs::read(&p).ok().and_then(|b| String::from_utf8(b).ok())
+                {
+                    out.push((p, text));
                 }
             }
         }
