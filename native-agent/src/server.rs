@@ -475,16 +475,8 @@ async fn livez() -> Response {
 struct Ui {
     dir: Option<PathBuf>,
     csp: HeaderValue,
-    /// Gzipped files, compressed on first request: the wasm is a third of its size gzipped.
-    gzipped: std::sync::Mutex<HashMap<PathBuf, Gzipped>>,
-}
-
-/// One file's gzip form, and the version of the file it was made from.
-#[derive(Clone)]
-struct Gzipped {
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-    body: axum::body::Bytes,
+    /// The files' gzip forms, made in the background (the wasm is a third of its size gzipped).
+    gzipped: GzipCache,
 }
 
 const NOT_BUILT: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Switchyard</title></head>\n<body><h1>Switchyard</h1>\n<p>The dashboard is not built. Build it with <code>cargo xtask demo</code> (or <code>trunk build</code> at the\nworkspace root), or point <code>--ui-dir</code> at Trunk's <code>dist/</code> folder.</p>\n<p>The API answers meanwhile: <a href=\"/api/v1/snapshot\">/api/v1/snapshot</a>, <code>/api/v1/events</code> (WebSocket),\n<a href=\"/metrics\">/metrics</a>, <a href=\"/healthz\">/healthz</a>.</p>\n</body></html>\n";
@@ -495,22 +487,53 @@ impl Ui {
         let inline = dir.as_ref().and_then(|d| std::fs::read_to_string(d.join("index.html")).ok()).unwrap_or_default();
         let csp = csp(&inline_script_hashes(&inline));
         let csp = HeaderValue::from_str(&csp).unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'"));
-        Ui { dir, csp, gzipped: Default::default() }
-    }
-
-    /// `path`'s gzip form, from the cache while the file is unchanged.
-    async fn gzipped(&self, path: &Path) -> Option<axum::body::Bytes> {
-        let meta = tokio::fs::metadata(path).await.ok()?;
-        let (len, modified) = (meta.len(), meta.modified().ok());
-        let cached = self.gzipped.lock().ok()?.get(path).cloned();
-        if let Some(g) = cached.filter(|g| g.len == len && g.modified == modified) {
-            return Some(g.body);
+        let gzipped = GzipCache::default();
+        // Start on the files now, so the first browser already gets them gzipped.
+        for entry in dir.iter().flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten()) {
+            if compressible(&entry.path()) {
+                gzipped.get(&entry.path());
+            }
         }
-        let bytes = tokio::fs::read(path).await.ok()?;
-        let body = tokio::task::spawn_blocking(move || gzip(&bytes)).await.ok()??;
-        let entry = Gzipped { len, modified, body: body.clone() };
-        self.gzipped.lock().ok()?.insert(path.to_path_buf(), entry);
-        Some(body)
+        Ui { dir, csp, gzipped }
+    }
+}
+
+/// Gzip forms of the dashboard's files, each made once per version of its file on a thread of
+/// its own, so that no response ever waits for compression: until a file's gzip form is ready,
+/// the file is served as it is.
+#[derive(Default, Clone)]
+struct GzipCache {
+    files: Arc<std::sync::Mutex<HashMap<PathBuf, Gzipped>>>,
+}
+
+/// One file's gzip form (`None` while it is being made), and the version of the file it is for.
+#[derive(Clone)]
+struct Gzipped {
+    version: (u64, Option<std::time::SystemTime>),
+    body: Option<axum::body::Bytes>,
+}
+
+impl GzipCache {
+    /// `path`'s gzip form if it is ready for the file as it is now; else starts making it.
+    fn get(&self, path: &Path) -> Option<axum::body::Bytes> {
+        let meta = std::fs::metadata(path).ok()?;
+        let version = (meta.len(), meta.modified().ok());
+        let mut files = self.files.lock().ok()?;
+        match files.get(path) {
+            Some(g) if g.version == version => return g.body.clone(),
+            _ => {}
+        }
+        files.insert(path.to_path_buf(), Gzipped { version, body: None });
+        let (cache, path) = (self.clone(), path.to_path_buf());
+        std::thread::spawn(move || {
+            let body = std::fs::read(&path).ok().and_then(|bytes| gzip(&bytes));
+            if let Ok(mut files) = cache.files.lock()
+                && let Some(g) = files.get_mut(&path).filter(|g| g.version == version)
+            {
+                g.body = body;
+            }
+        });
+        None
     }
 }
 
@@ -589,7 +612,7 @@ async fn static_file(State(app): State<App>, uri: Uri, headers: HeaderMap) -> Re
     if compressible(rel)
         && accepts_gzip(&headers)
         && file.is_file()
-        && let Some(body) = app.ui.gzipped(&file).await
+        && let Some(body) = app.ui.gzipped.get(&file)
     {
         let h = [
             (header::CONTENT_TYPE, content_type(rel)),
