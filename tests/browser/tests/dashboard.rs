@@ -10,6 +10,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -298,6 +299,34 @@ async fn the_dashboard_end_to_end() -> Result<()> {
         Ok(!c.find_all(Locator::Css(".flow-row")).await?.is_empty())
     })
     .await?;
+
+    // The wasm as the browser receives it: the agent gzips the dashboard in the background from
+    // its start, so fetch it again until it comes compressed, then check the budget.
+    let wasm = Arc::new(std::sync::Mutex::new((0.0, 0.0)));
+    let seen = wasm.clone();
+    until("the wasm served gzipped", 60, move || {
+        let seen = seen.clone();
+        async move {
+            let sizes = c
+                .execute_async(
+                    "const done = arguments[arguments.length - 1]; \
+                     const url = performance.getEntriesByType('resource').find(e => e.name.endsWith('.wasm')).name; \
+                     performance.clearResourceTimings(); \
+                     fetch(url, { cache: 'no-store' }).then(r => r.arrayBuffer()).then(() => { \
+                       const e = performance.getEntriesByName(url).pop(); \
+                       done([e.encodedBodySize, e.decodedBodySize]); });",
+                    vec![],
+                )
+                .await?;
+            let (encoded, decoded) = (sizes[0].as_f64().unwrap_or(0.0), sizes[1].as_f64().unwrap_or(0.0));
+            *seen.lock().expect("not poisoned") = (encoded, decoded);
+            Ok(encoded > 0.0 && encoded < decoded)
+        }
+    })
+    .await?;
+    let (encoded, decoded) = *wasm.lock().expect("not poisoned");
+    println!("the wasm over the wire: {encoded} bytes gzipped ({decoded} bytes decoded)");
+    assert!(encoded < 600_000.0, "the wasm travels as {encoded} bytes, over the 600 KB budget");
     drop(demo);
     client.close().await?;
     Ok(())
