@@ -11,6 +11,8 @@
 //!   iptables parts of the IPVS program: this kernel has no IPVS module, so `ipvsadm` is skipped);
 //! - one endpoint change: plan the changed service again (`policy::replan_in_place`, as the agent
 //!   does), render the transaction for it, apply it; five times back and forth, the median;
+//!   for nftables the same ten changes again through the agent's netlink applier
+//!   (`apply::nft_netlink::Hybrid`: one batch on a socket kept open), beside `nft -f`;
 //! - one endpoint change through the agent's own path (nftables): the cluster is a manifests
 //!   folder (10 Services and their slices per file); one file is rewritten, then timed: the
 //!   source's reload (read, parse the changed file, rebuild the cluster, diff), the stream's watch
@@ -25,7 +27,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use switchyard_agent::apply::{iptables, ipvs, nftables};
+use switchyard_agent::apply::{iptables, ipvs, nft_netlink, nftables};
 use switchyard_agent::source::ManifestSource;
 use switchyard_agent::stream;
 use switchyard_agent::sync::{self, Action};
@@ -64,9 +66,9 @@ fn main() -> ExitCode {
     };
     remove_stale_namespaces();
     println!(
-        "| services | backend | full: render | full: kernel | kernel share | change: plan+render | change: kernel | connect 1st (median/p99) | connect last (median/p99) |"
+        "| services | backend | full: render | full: kernel | kernel share | change: plan+render | change: kernel (nft -f) | change: kernel (netlink) | connect 1st (median/p99) | connect last (median/p99) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let before = synthetic::cluster(n, ENDPOINTS);
         let changed_service = n / 2;
@@ -76,14 +78,14 @@ fn main() -> ExitCode {
                 // `iptables-nft-restore --noflush` rebuilds its whole cache rule by rule: over
                 // seven minutes of CPU at 10,000 services here before it was stopped.
                 println!(
-                    "| {n} | {} | not run: a full restore takes many minutes at this size | | | | | | |",
+                    "| {n} | {} | not run: a full restore takes many minutes at this size | | | | | | | |",
                     backend.label()
                 );
                 continue;
             }
             match run(n, &before, &after, changed_service, backend) {
                 Ok(row) => println!("{row}"),
-                Err(e) => println!("| {n} | {} | failed: {e} | | | | | | |", backend.label()),
+                Err(e) => println!("| {n} | {} | failed: {e} | | | | | | | |", backend.label()),
             }
             let _ = std::io::stdout().flush();
         }
@@ -189,6 +191,10 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
         kernel_change.push(t.elapsed());
         applied = new_plan;
     }
+    let netlink_change = match bench {
+        Bench::Nft => us(netlink_changes(&ns.name, &program, &applied, before, after, &hint)?),
+        _ => "—".to_string(),
+    };
 
     let connects = if matches!(bench, Bench::Ipvs) {
         // Without the IPVS module nothing answers on a virtual server.
@@ -200,7 +206,7 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
     };
     let share = kernel_full.as_secs_f64() / (kernel_full + render_full).as_secs_f64() * 100.0;
     Ok(format!(
-        "| {n} | {} | {} | {} | {share:.0} % | {} | {} | {} | {} |",
+        "| {n} | {} | {} | {} | {share:.0} % | {} | {} | {netlink_change} | {} | {} |",
         bench.label(),
         ms(render_full),
         ms(kernel_full),
@@ -209,6 +215,37 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
         connects.0,
         connects.1,
     ))
+}
+
+/// The same ten endpoint changes as `run`'s, through the agent's hybrid applier: element-only
+/// transactions as one netlink batch on a socket opened once. The median of ten; each must have
+/// gone through netlink.
+fn netlink_changes(
+    ns: &str,
+    program: &str,
+    applied: &NodePlan,
+    before: &Cluster,
+    after: &Cluster,
+    hint: &BTreeSet<ObjectKey>,
+) -> Result<Duration, String> {
+    let mut k = nft_netlink::Hybrid::kernel(nftables::Kernel::in_netns(ns), Some(ns.to_string()));
+    k.assume_applied(program);
+    let mut applied = applied.clone();
+    let mut times = Vec::new();
+    for round in 0..10 {
+        let target = if round % 2 == 0 { after } else { before };
+        let mut new_plan = applied.clone();
+        policy::replan_in_place(&mut new_plan, target, hint);
+        let txn = render::nftables::render_incremental_for(&applied, &new_plan, Some(hint));
+        let t = Instant::now();
+        nftables::NftApplier::apply(&mut k, &txn).map_err(|e| e.to_string())?;
+        times.push(t.elapsed());
+        if k.last != Some(nft_netlink::Path::Netlink) {
+            return Err(format!("round {round} went through nft, not netlink"));
+        }
+        applied = new_plan;
+    }
+    Ok(median(&mut times))
 }
 
 fn full(backend: Backend, plan: &NodePlan) -> String {
@@ -273,6 +310,11 @@ fn is_udp(i: u32) -> bool {
 fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
     if ms >= 1_000.0 { format!("{:.2} s", ms / 1e3) } else { format!("{ms:.1} ms") }
+}
+
+/// Microseconds, for what takes well under a millisecond.
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 fn median(v: &mut [Duration]) -> Duration {

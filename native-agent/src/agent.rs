@@ -24,7 +24,7 @@ use switchyard_engine::policy;
 use switchyard_engine::protocol::{self, Event, Mode, SourceInfo};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apply::{iptables, ipvs, nftables};
+use crate::apply::{iptables, ipvs, nft_netlink, nftables};
 use crate::conntrack;
 use crate::metrics::{Health, Metrics};
 use crate::source::ManifestSource;
@@ -229,7 +229,11 @@ pub async fn run_with(
     let prefix = cfg.netns.as_deref().map(crate::apply::netns_prefix).unwrap_or_default();
     let (kernel, plan_backend): (Box<dyn Kernel>, policy::Backend) = match cfg.backend {
         BackendChoice::Nftables => {
-            let k = nftables::Kernel { prefix };
+            // Element-only transactions go over a netlink socket kept open (~0.1 ms instead of
+            // an `nft` process's ~16 ms); the rest, and everything when no socket opens, `nft -f`.
+            let mut k = nft_netlink::Hybrid::kernel(nftables::Kernel { prefix }, cfg.netns.clone());
+            let metrics = shared.clone();
+            k.on_apply = Some(Box::new(move |path| metrics.metrics.nft_transaction(path.as_str())));
             (Box::new(NftKernel(k)), policy::Backend::Nftables)
         }
         BackendChoice::Iptables => {

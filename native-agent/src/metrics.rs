@@ -40,6 +40,7 @@ pub struct Metrics {
     syncs_empty: Counter,
     flows: FlowCounters,
     iptables_variant: Family<Vec<(String, String)>, Gauge>,
+    nft_transactions: Family<Vec<(String, String)>, Counter>,
     stream_clients: Gauge,
     stream_events: Gauge,
     stream_resyncs: Gauge,
@@ -71,6 +72,7 @@ impl Metrics {
             syncs_empty: Counter::default(),
             flows: FlowCounters::default(),
             iptables_variant: Family::default(),
+            nft_transactions: Family::default(),
             stream_clients: Gauge::default(),
             stream_events: Gauge::default(),
             stream_resyncs: Gauge::default(),
@@ -151,6 +153,11 @@ impl Metrics {
             m.stream_events.clone(),
         );
         r.register(
+            "switchyard_nftables_transactions",
+            "nftables transactions applied, by path: netlink (element updates) or nft (nft -f)",
+            m.nft_transactions.clone(),
+        );
+        r.register(
             "switchyard_stream_client_resyncs",
             "Times a client fell behind its queue and was resynchronised",
             m.stream_resyncs.clone(),
@@ -204,6 +211,11 @@ impl Metrics {
     /// Which iptables variant the node runs.
     pub fn iptables_variant(&self, variant: &str) {
         self.iptables_variant.get_or_create(&vec![("variant".to_string(), variant.to_string())]).set(1);
+    }
+
+    /// One nftables transaction applied through `path` (`netlink` or `nft`).
+    pub fn nft_transaction(&self, path: &str) {
+        self.nft_transactions.get_or_create(&vec![("path".to_string(), path.to_string())]).inc();
     }
 
     /// The event stream's counters, read when `/metrics` is served.

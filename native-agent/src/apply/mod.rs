@@ -3,6 +3,7 @@
 
 pub mod iptables;
 pub mod ipvs;
+pub mod nft_netlink;
 pub mod nftables;
 
 use std::ffi::OsStr;

@@ -22,6 +22,8 @@ pub enum ApplyError {
     Spawn(#[source] std::io::Error),
     #[error("nft failed ({status}): {stderr}")]
     Failed { status: String, stderr: String },
+    #[error("nftables netlink batch failed: {0}")]
+    Netlink(#[source] super::nft_netlink::NetlinkError),
 }
 
 /// Every kernel read and write of the nftables backend goes through here.
