@@ -396,6 +396,70 @@ fn ipvs_programs_load() {
     check_backend::<Ipvs>();
 }
 
+/// The ipsets of 10,000 Services of 10 endpoints fit: `SWITCHYARD-LOOP-BACK` alone holds 100,000
+/// members, past kube-proxy's `maxelem 65536` ("Hash is full").
+#[test]
+fn ipvs_sets_hold_ten_thousand_services() {
+    if let Some(why) = netns::skip_reason(&["ipset"]) {
+        println!("skipped: {why}");
+        return;
+    }
+    let cluster = switchyard_engine::synthetic::cluster(10_000, 10);
+    let plan = switchyard_engine::policy::plan(&cluster, "node-a", Backend::Ipvs);
+    let program = switchyard_engine::render::ipvs::render(&plan);
+    let tx = switchyard_agent::apply::ipvs::Transaction::from_program(&program);
+    let ipset =
+        tx.steps.iter().find(|s| s.section == switchyard_engine::render::ipvs::Section::Ipset).expect("an ipset part");
+    let ns = Netns::new().expect("namespace");
+    ns.exec("ipset", &["restore", "-exist"], Some(&ipset.input)).expect("ipset restore");
+    let listed = ns.exec("ipset", &["list", "-terse", "SWITCHYARD-LOOP-BACK"], None).expect("ipset list");
+    let entries: usize = listed
+        .lines()
+        .find_map(|l| l.strip_prefix("Number of entries: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("an entry count");
+    assert!(entries > 65_536, "SWITCHYARD-LOOP-BACK holds {entries} members");
+}
+
+/// A set left with other parameters (an earlier `maxelem`) and still used by an iptables rule is
+/// resized by the applier's swap, in place, rule intact, members as the program says.
+#[test]
+fn ipvs_sets_with_old_parameters_are_swapped_in() {
+    use switchyard_agent::apply::ipvs::{IpvsApplier, Kernel, Transaction};
+    use switchyard_engine::render::ipvs::Section;
+    if let Some(why) = netns::skip_reason(&["ipset", "iptables"]) {
+        println!("skipped: {why}");
+        return;
+    }
+    let program =
+        switchyard_engine::render(&switchyard_engine::demo::cluster(), "node-1", Backend::Ipvs).expect("renders");
+    let mut tx = Transaction::from_program(&program);
+    tx.steps.retain(|s| s.section == Section::Ipset);
+    let ns = Netns::new().expect("namespace");
+    let set = "SWITCHYARD-CLUSTER-IP";
+    ns.exec("ipset", &["create", set, "hash:ip,port", "maxelem", "65536"], None).expect("old set");
+    ns.exec("ipset", &["add", set, "10.9.9.9,tcp:9"], None).expect("old member");
+    ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "PREROUTING", "-m", "set", "--match-set", set, "dst,dst", "-j", "ACCEPT"],
+        None,
+    )
+    .expect("a rule using it");
+    Kernel::in_netns(ns.name()).apply(&tx).expect("applies");
+    let listed = ns.exec("ipset", &["list", set], None).expect("ipset list");
+    assert!(listed.contains("maxelem 1048576"), "{listed}");
+    let members: std::collections::BTreeSet<&str> =
+        listed.lines().skip_while(|l| !l.starts_with("Members:")).skip(1).filter(|l| !l.is_empty()).collect();
+    let want: std::collections::BTreeSet<&str> =
+        tx.steps[0].input.lines().filter_map(|l| l.strip_prefix(&format!("add {set} "))).collect();
+    assert!(!want.is_empty());
+    assert_eq!(members, want);
+    let rules = ns.exec("iptables", &["-t", "nat", "-S", "PREROUTING"], None).expect("iptables -S");
+    assert!(rules.contains(&format!("--match-set {set} dst,dst")), "{rules}");
+    let sets = ns.exec("ipset", &["list", "-name"], None).expect("ipset list -name");
+    assert!(!sets.contains("RESIZE"), "the temporary set is gone: {sets}");
+}
+
 /// A namespace disappears when its guard is dropped, even on a panic.
 #[test]
 fn namespaces_are_removed_on_drop() {

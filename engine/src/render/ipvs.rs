@@ -179,6 +179,10 @@ impl SetKind {
     }
 }
 
+/// Each hash set's `maxelem`. kube-proxy's 65,536 is too few for `KUBE-LOOP-BACK` at 10,000
+/// Services of 10 endpoints ("Hash is full"); the cap costs nothing, memory follows the members.
+pub const MAX_ELEMENTS: u32 = 1 << 20;
+
 /// One ipset, its members written as `ipset` writes them (`10.96.0.10,tcp:80`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpSet {
@@ -197,7 +201,7 @@ impl IpSet {
             SetKind::BitmapPort => format!("create {} bitmap:port range 0-65535", self.name),
             k => {
                 let fam = if self.family == IpFamily::V6 { "inet6" } else { "inet" };
-                format!("create {} {} family {fam} hashsize 1024 maxelem 65536", self.name, k.as_str())
+                format!("create {} {} family {fam} hashsize 1024 maxelem {MAX_ELEMENTS}", self.name, k.as_str())
             }
         }
     }

@@ -8,6 +8,8 @@
 //! cannot take the virtual servers: [`Kernel::without`] skips that part (and kernels without the
 //! dummy interface type, the `ip` part), recording what it skipped.
 
+use std::collections::BTreeMap;
+
 use switchyard_engine::model::IpFamily;
 use switchyard_engine::render::ipvs::{self as program, Section};
 
@@ -131,7 +133,14 @@ impl Kernel {
 
     fn run(&self, step: &Step) -> Result<(), ApplyError> {
         let (tool, args) = step.command();
-        let out = super::run_tool(&self.prefix, tool, args, Some(&step.input))
+        let resized;
+        let input = if step.section == Section::Ipset {
+            resized = resize_sets(&step.input, &self.set_headers()?);
+            &resized
+        } else {
+            &step.input
+        };
+        let out = super::run_tool(&self.prefix, tool, args, Some(input))
             .map_err(|source| ApplyError::Spawn { tool, source })?;
         if out.status.success() {
             Ok(())
@@ -143,6 +152,72 @@ impl Kernel {
             })
         }
     }
+}
+
+impl Kernel {
+    /// `ipset list -terse`: each set's type and header, by name.
+    fn set_headers(&self) -> Result<BTreeMap<String, String>, ApplyError> {
+        let out = super::run_tool(&self.prefix, "ipset", &["list", "-terse"], None)
+            .map_err(|source| ApplyError::Spawn { tool: "ipset", source })?;
+        let mut sets = BTreeMap::new();
+        let mut name = None;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(n) = line.strip_prefix("Name: ") {
+                name = Some(n.trim().to_string());
+            } else if let (Some(t), Some(n)) = (line.strip_prefix("Type: "), &name) {
+                sets.insert(n.clone(), t.trim().to_string());
+            } else if let (Some(h), Some(n)) = (line.strip_prefix("Header: "), &name) {
+                sets.entry(n.clone()).and_modify(|t| *t = format!("{t} {}", h.trim()));
+            }
+        }
+        Ok(sets)
+    }
+}
+
+/// `ipset create -exist` fails on a set that exists with other parameters (a `maxelem` from an
+/// earlier version, say), and a set iptables rules use cannot be destroyed. Such sets are built
+/// again under a temporary name and swapped in, in the same `ipset restore`.
+fn resize_sets(input: &str, existing: &BTreeMap<String, String>) -> String {
+    let mut renamed: BTreeMap<&str, String> = BTreeMap::new();
+    for line in input.lines() {
+        let Some(rest) = line.strip_prefix("create ") else { continue };
+        let mut words = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else { continue };
+        let wanted: Vec<&str> = words.collect();
+        let Some(have) = existing.get(name) else { continue };
+        let have: Vec<&str> = have.split_whitespace().collect();
+        // Compare what `create` fixes: type, family, maxelem (the kernel grows hashsize itself).
+        let param = |p: &[&str], key: &str| p.windows(2).find(|w| w[0] == key).map(|w| w[1].to_string());
+        let same = have.first() == Some(&kind)
+            && ["family", "maxelem"]
+                .iter()
+                .all(|k| param(&have, k) == param(&wanted, k) || param(&wanted, k).is_none());
+        if !same {
+            let tmp = format!("SWITCHYARD-RESIZE-{}", renamed.len());
+            renamed.insert(name, tmp);
+        }
+    }
+    if renamed.is_empty() {
+        return input.to_string();
+    }
+    let mut out = String::new();
+    for tmp in renamed.values().filter(|t| existing.contains_key(*t)) {
+        // Left by an agent killed mid-resize: nothing uses it.
+        out.push_str(&format!("destroy {tmp}\n"));
+    }
+    for line in input.lines() {
+        let mut words = line.splitn(3, ' ');
+        let (verb, name, rest) = (words.next().unwrap_or(""), words.next().unwrap_or(""), words.next());
+        match renamed.get(name).filter(|_| matches!(verb, "create" | "add" | "del" | "flush")) {
+            Some(tmp) => out.push_str(&[verb, tmp.as_str()].into_iter().chain(rest).collect::<Vec<_>>().join(" ")),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    for (name, tmp) in &renamed {
+        out.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
+    }
+    out
 }
 
 impl IpvsApplier for Kernel {
@@ -186,6 +261,30 @@ impl IpvsApplier for Recording {
 mod tests {
     use super::*;
     use switchyard_engine::policy::Backend;
+
+    /// A set that exists with another `maxelem` is built under a temporary name and swapped in;
+    /// sets that match, and sets that do not exist yet, are left to `create -exist`.
+    #[test]
+    fn sets_with_other_parameters_are_swapped_in() {
+        let input = "create A hash:ip family inet hashsize 1024 maxelem 1048576\nflush A\nadd A 10.0.0.1\n\
+                     create B hash:ip family inet hashsize 1024 maxelem 1048576\nadd B 10.0.0.2\n\
+                     create C bitmap:port range 0-65535\n";
+        let existing = BTreeMap::from([
+            ("A".to_string(), "hash:ip family inet hashsize 4096 maxelem 65536 bucketsize 12 initval 0x1".to_string()),
+            ("B".to_string(), "hash:ip family inet hashsize 2048 maxelem 1048576 bucketsize 12".to_string()),
+            ("SWITCHYARD-RESIZE-0".to_string(), "hash:ip family inet hashsize 1024 maxelem 1048576".to_string()),
+        ]);
+        assert_eq!(
+            resize_sets(input, &existing),
+            "destroy SWITCHYARD-RESIZE-0\n\
+             create SWITCHYARD-RESIZE-0 hash:ip family inet hashsize 1024 maxelem 1048576\nflush SWITCHYARD-RESIZE-0\n\
+             add SWITCHYARD-RESIZE-0 10.0.0.1\n\
+             create B hash:ip family inet hashsize 1024 maxelem 1048576\nadd B 10.0.0.2\n\
+             create C bitmap:port range 0-65535\n\
+             swap SWITCHYARD-RESIZE-0 A\ndestroy SWITCHYARD-RESIZE-0\n"
+        );
+        assert_eq!(resize_sets(input, &BTreeMap::new()), input);
+    }
 
     fn demo_program() -> String {
         switchyard_engine::render(&switchyard_engine::demo::cluster(), "node-1", Backend::Ipvs).expect("renders")
