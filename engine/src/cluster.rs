@@ -1,5 +1,7 @@
 //! The cluster's state as one value: what a watch, a manifests folder or the demo scenario has said
 //! so far. Objects are applied and deleted one at a time; a re-list replaces the whole state at once.
+//! A source that knows what it changed hands on [`Delta`]s, so that the loops downstream patch their
+//! copy of the cluster instead of comparing two whole clusters.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,6 +32,21 @@ pub enum ObjectRef {
     Endpoints(ObjectKey),
     Node(String),
     ServiceCidr(String),
+}
+
+/// One object's change: what it was and what it is now (`None`: absent). The proxy configuration
+/// is absent when it is the default one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub before: Option<Object>,
+    pub after: Option<Object>,
+}
+
+impl Delta {
+    /// The object it is about (`None`: the proxy configuration).
+    pub fn reference(&self) -> Option<ObjectRef> {
+        self.after.as_ref().or(self.before.as_ref()).and_then(Object::reference)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -87,6 +104,34 @@ impl Cluster {
                 self.service_cidrs.insert(c.name.clone(), c);
             }
             Object::ProxyConfig(c) => self.config = c,
+        }
+    }
+
+    /// The object `r` names (`None`: the proxy configuration, absent when it is the default).
+    pub fn get(&self, r: Option<&ObjectRef>) -> Option<Object> {
+        match r {
+            Some(ObjectRef::Service(k)) => self.services.get(k).cloned().map(Object::Service),
+            Some(ObjectRef::EndpointSlice(k)) => self.endpoint_slices.get(k).cloned().map(Object::EndpointSlice),
+            Some(ObjectRef::Endpoints(k)) => {
+                self.legacy_endpoints.get(k).map(|s| Object::Endpoints { key: k.clone(), subsets: s.clone() })
+            }
+            Some(ObjectRef::Node(n)) => self.nodes.get(n).cloned().map(Object::Node),
+            Some(ObjectRef::ServiceCidr(n)) => self.service_cidrs.get(n).cloned().map(Object::ServiceCidr),
+            None => (self.config != ProxyConfig::default()).then(|| Object::ProxyConfig(self.config.clone())),
+        }
+    }
+
+    /// Applies one change: the object becomes `after`, or goes.
+    pub fn patch(&mut self, d: Delta) {
+        match (d.after, d.before) {
+            (Some(o), _) => self.apply(o),
+            (None, Some(Object::ProxyConfig(_))) => self.config = ProxyConfig::default(),
+            (None, Some(o)) => {
+                if let Some(r) = o.reference() {
+                    self.delete(&r);
+                }
+            }
+            (None, None) => {}
         }
     }
 

@@ -15,8 +15,8 @@
 //!   (`apply::nft_netlink::Hybrid`: one batch on a socket kept open), beside `nft -f`;
 //! - one endpoint change through the agent's own path (nftables): the cluster is a manifests
 //!   folder (10 Services and their slices per file); one file is rewritten, then timed: the
-//!   source's reload (read, parse the changed file, rebuild the cluster, diff), the stream's watch
-//!   events, the sync loop's step (replan + render), and `nft -f`; the median of ten;
+//!   source's reload of the file the watcher names (read, parse, patch the cluster, deltas), the
+//!   stream's watch events, the sync loop's step (replan + render), and `nft -f`; the median of ten;
 //! - connect: `connect()` from the node to a ClusterIP, DNATed to a local listener, for the first
 //!   and the last service of the program; the median and p99 of 2,000 connections.
 
@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     }
     println!();
     println!(
-        "| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | rest of the step (render, old cluster freed) | nft |"
+        "| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | rest of the step (render) | nft |"
     );
     println!("|---|---|---|---|---|---|---|");
     for n in sizes_again(&args) {
@@ -558,20 +558,21 @@ fn agent_path(n: u32) -> Result<String, String> {
     for round in 0..10u32 {
         let first_of_file = changed / PER_FILE * PER_FILE;
         write(file_of(changed), services_yaml(first_of_file, n, changed, (round + 1) % 2))?;
+        let path = dir.0.join(file_of(changed));
         // Two seconds apart: past minSyncPeriod (1 s), before the periodic full sync (30 s).
         let now = Duration::from_secs(2 * u64::from(round + 1));
         let t0 = Instant::now();
-        let r = source.reload();
-        let input = sync::Input::Cluster { now, cluster: Box::new(source.cluster().clone()), changes: r.changes };
+        let r = source.reload_paths([path]);
+        let input = sync::Input::Delta { now, deltas: r.deltas.ok_or("not incremental")?, changes: r.changes };
         let t1 = Instant::now();
-        let sync::Input::Cluster { cluster: new_cluster, .. } = &input else { unreachable!() };
-        let ev = stream::cluster_events(state.cluster(), new_cluster, false);
+        let sync::Input::Delta { deltas, .. } = &input else { unreachable!() };
+        let ev = stream::delta_events(deltas);
         let t2 = Instant::now();
         // The plan share, measured apart on a copy (the step below replans the same services).
         let keys: BTreeSet<ObjectKey> = [synthetic::service(changed).key].into();
-        let (mut copy, cluster_copy) = (state.applied().cloned().ok_or("no plan")?, new_cluster.clone());
+        let (mut copy, cluster_copy) = (state.applied().cloned().ok_or("no plan")?, source.cluster());
         let tp = Instant::now();
-        policy::replan_in_place(&mut copy, &cluster_copy, &keys);
+        policy::replan_in_place(&mut copy, cluster_copy, &keys);
         plan.push(tp.elapsed());
         let t3 = Instant::now();
         let Some(program) = apply_of(state.step(input)) else { return Err(format!("round {round}: no sync")) };

@@ -1,12 +1,13 @@
 //! `switchyard agent`: keeps one node's kernel in step with a manifests folder or an API server,
 //! as kube-proxy does, and serves `/metrics` and `/healthz`.
 //!
-//! The pieces: an [`AgentSource`] ([`crate::source::ManifestSource`], re-read when `notify`
-//! reports a change, or [`crate::kube::KubeSource`], which watches the API server),
-//! [`crate::sync::State`] (the pure loop; this module only carries out its actions and feeds it
-//! the clock), a [`Kernel`] per backend over the appliers of [`crate::apply`], and an axum server.
-//! [`run`] takes its listener and shutdown signal as arguments so tests can bind port 0 and stop
-//! it; [`spawn`] runs it on a thread of its own for callers without a runtime.
+//! The pieces: an [`AgentSource`] ([`crate::source::ManifestSource`], which re-reads the files
+//! `notify` names and hands the loop the objects that changed, or [`crate::kube::KubeSource`],
+//! which watches the API server), [`crate::sync::State`] (the pure loop; this module only carries
+//! out its actions and feeds it the clock), a [`Kernel`] per backend over the appliers of
+//! [`crate::apply`], and an axum server. [`run`] takes its listener and shutdown signal as
+//! arguments so tests can bind port 0 and stop it; [`spawn`] runs it on a thread of its own for
+//! callers without a runtime.
 //!
 //! Shutdown (SIGTERM, SIGINT) leaves every rule in place, as kube-proxy does: traffic keeps
 //! flowing while the agent restarts, and the next start reconciles with a full sync.
@@ -400,7 +401,7 @@ async fn sync_loop(
                 return Ok(());
             }
             Some(i) = feed.next(origin) => {
-                if matches!(i, Input::Cluster { .. }) {
+                if matches!(i, Input::Cluster { .. } | Input::Delta { .. }) {
                     shared.metrics.queued();
                 }
                 input = Some(i);
@@ -457,14 +458,18 @@ impl Publisher {
         }
     }
 
-    /// Watch and node events for a new cluster from the source.
+    /// Watch and node events for a new cluster, or a change, from the source.
     fn input(&mut self, hub: &Hub, old: &Cluster, input: &Input) {
-        if let Input::Cluster { cluster, .. } = input {
-            for e in stream::cluster_events(old, cluster, !self.listed) {
-                hub.publish(e);
-            }
-            self.listed = true;
+        let events = match input {
+            Input::Cluster { cluster, .. } => stream::cluster_events(old, cluster, !self.listed),
+            // A source hands on deltas only after its first cluster.
+            Input::Delta { deltas, .. } => stream::delta_events(deltas),
+            _ => return,
+        };
+        for e in events {
+            hub.publish(e);
         }
+        self.listed = true;
     }
 
     fn timed<T>(&mut self, step: impl FnOnce() -> T) -> T {
@@ -507,7 +512,11 @@ fn source_info(cfg: &AgentConfig) -> SourceInfo {
 enum Feed {
     Manifests {
         source: ManifestSource,
+        /// Woken when `dirty` has something (a full channel already means "look").
         changed: mpsc::Receiver<()>,
+        dirty: Arc<Mutex<Dirty>>,
+        /// When the whole folder is read again.
+        rescan_at: Instant,
         errors: Vec<String>,
         _watcher: notify::RecommendedWatcher,
     },
@@ -524,25 +533,40 @@ impl Feed {
                 return Ok(Feed::Kube(crate::kube::KubeSource::start(client, config.clone(), cfg.backoff)));
             }
         };
-        // notify calls back on its own thread; a full channel already means "reload".
+        // notify calls back on its own thread; a full channel already means "look at `dirty`".
         let (tx, changed) = mpsc::channel::<()>(1);
+        let dirty = Arc::new(Mutex::new(Dirty::default()));
+        let noted = dirty.clone();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.as_ref().map_or(true, changes_content) {
-                let _ = tx.try_send(());
+            let Ok(mut d) = noted.lock() else { return };
+            match ev {
+                // A lost event (the kernel's queue overflowed) or a watch error: read everything.
+                Err(_) => d.rescan = true,
+                Ok(ev) if ev.need_rescan() || ev.paths.is_empty() && changes_content(&ev) => d.rescan = true,
+                Ok(ev) if changes_content(&ev) => d.paths.extend(ev.paths),
+                Ok(_) => return,
             }
+            let _ = tx.try_send(());
         })
         .map_err(|source| AgentError::Watch { path: path.clone(), source })?;
         watcher
             .watch(&path, notify::RecursiveMode::Recursive)
             .map_err(|source| AgentError::Watch { path: path.clone(), source })?;
-        Ok(Feed::Manifests { source: ManifestSource::new(path), changed, errors: Vec::new(), _watcher: watcher })
+        Ok(Feed::Manifests {
+            source: ManifestSource::new(path),
+            changed,
+            dirty,
+            rescan_at: Instant::now() + RESCAN,
+            errors: Vec::new(),
+            _watcher: watcher,
+        })
     }
 
     /// The first input: the folder as it is now; nothing yet from an API server (the first
     /// cluster comes once every kind is listed, not an empty one that would flush the rules).
     fn first(&mut self, origin: Instant) -> Option<Input> {
         match self {
-            Feed::Manifests { source, errors, .. } => Some(reload(source, origin, true, errors)),
+            Feed::Manifests { source, errors, .. } => Some(reload(source, None, origin, true, errors)),
             Feed::Kube(_) => None,
         }
     }
@@ -550,9 +574,21 @@ impl Feed {
     /// The next input (cancel-safe: the loop selects on it).
     async fn next(&mut self, origin: Instant) -> Option<Input> {
         match self {
-            Feed::Manifests { source, changed, errors, .. } => {
-                changed.recv().await?;
-                Some(reload(source, origin, false, errors))
+            Feed::Manifests { source, changed, dirty, rescan_at, errors, .. } => {
+                let at = *rescan_at;
+                let paths = tokio::select! {
+                    r = changed.recv() => {
+                        r?;
+                        let d = dirty.lock().map(|mut d| std::mem::take(&mut *d))
+                            .unwrap_or_else(|_| Dirty { rescan: true, ..Dirty::default() });
+                        (!d.rescan).then_some(d.paths)
+                    }
+                    () = tokio::time::sleep_until(at.into()) => None,
+                };
+                if paths.is_none() {
+                    *rescan_at = Instant::now() + RESCAN;
+                }
+                Some(reload(source, paths, origin, false, errors))
             }
             Feed::Kube(source) => loop {
                 match source.next().await? {
@@ -571,10 +607,32 @@ impl Feed {
     }
 }
 
-/// Reads the folder again; the input for the loop (a tick when nothing changed, so the loop
-/// still looks at its timers).
-fn reload(source: &mut ManifestSource, origin: Instant, first: bool, last_errors: &mut Vec<String>) -> Input {
-    let r = source.reload();
+/// How often the whole folder is read again, whatever the watcher said: inotify says nothing of
+/// a change made behind a bind mount or on a network file system, and the rescan also rebuilds
+/// the cluster from scratch, so anything the incremental path could have missed is repaired.
+const RESCAN: Duration = Duration::from_secs(60);
+
+/// What the watcher reported since the source last looked.
+#[derive(Debug, Default)]
+struct Dirty {
+    paths: std::collections::BTreeSet<PathBuf>,
+    /// Events were lost: read the whole folder.
+    rescan: bool,
+}
+
+/// Reads the folder again (only `paths`, when given); the input for the loop (a tick when
+/// nothing changed, so the loop still looks at its timers).
+fn reload(
+    source: &mut ManifestSource,
+    paths: Option<std::collections::BTreeSet<PathBuf>>,
+    origin: Instant,
+    first: bool,
+    last_errors: &mut Vec<String>,
+) -> Input {
+    let r = match paths {
+        Some(paths) => source.reload_paths(paths),
+        None => source.reload(),
+    };
     // Said once per problem, not at every event while an editor saves.
     if r.errors != *last_errors {
         for e in &r.errors {
@@ -588,10 +646,12 @@ fn reload(source: &mut ManifestSource, origin: Instant, first: bool, last_errors
         }
     }
     let now = origin.elapsed();
-    if r.changed || first {
-        Input::Cluster { now, cluster: Box::new(source.cluster().clone()), changes: r.changes }
-    } else {
-        Input::Tick { now }
+    match r.deltas {
+        Some(deltas) if r.changed && !first => Input::Delta { now, deltas, changes: r.changes },
+        _ if r.changed || first => {
+            Input::Cluster { now, cluster: Box::new(source.cluster().clone()), changes: r.changes }
+        }
+        _ => Input::Tick { now },
     }
 }
 

@@ -152,7 +152,8 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>, problems: &mut Vec<Loa
     }
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// Whether a folder's file is read as cluster input, by its name.
+pub(crate) fn is_manifest(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 

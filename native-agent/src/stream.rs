@@ -21,10 +21,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
-use switchyard_engine::cluster::Cluster;
+use switchyard_engine::cluster::{Cluster, Delta};
+use switchyard_engine::input::Object;
 use switchyard_engine::protocol::{
-    Event, Journal, Resume, Sequenced, ServerMessage, SourceInfo, StreamState, SyncEvent, SyncKind, WatchEvent,
-    node_changes, watch_diff,
+    Event, Journal, NodeChange, NodeEvent, Resume, Sequenced, ServerMessage, SourceInfo, StreamState, SyncEvent,
+    SyncKind, WatchEvent, node_changes, watch_diff,
 };
 
 use crate::sync::SyncReport;
@@ -353,6 +354,41 @@ pub fn cluster_events(old: &Cluster, new: &Cluster, first: bool) -> Vec<Event> {
     }
     let mut out: Vec<Event> = watch_diff(old, new).into_iter().map(Event::Watch).collect();
     out.extend(node_changes(old, new).into_iter().map(Event::Node));
+    out
+}
+
+/// What a change of a few objects publishes, as [`cluster_events`] would for the clusters before
+/// and after it (deletions first, then the objects applied, then one node event per node), without
+/// comparing two whole clusters.
+pub fn delta_events(deltas: &[Delta]) -> Vec<Event> {
+    let mut out = Vec::with_capacity(deltas.len());
+    let mut applied = Vec::new();
+    let mut nodes = Vec::new();
+    for d in deltas {
+        match (&d.before, &d.after) {
+            (_, Some(o)) => applied.push(Event::Watch(WatchEvent::Applied { object: Box::new(o.clone()) })),
+            (Some(o), None) => match o.reference() {
+                Some(r) => out.push(Event::Watch(WatchEvent::Deleted { object: r })),
+                // The proxy configuration is never deleted: it goes back to the default one.
+                None => applied.push(Event::Watch(WatchEvent::Applied {
+                    object: Box::new(Object::ProxyConfig(Default::default())),
+                })),
+            },
+            (None, None) => {}
+        }
+        let change = match (&d.before, &d.after) {
+            (None, Some(Object::Node(n))) => Some((&n.name, NodeChange::Joined)),
+            (Some(Object::Node(n)), None) => Some((&n.name, NodeChange::Left)),
+            (Some(Object::Node(n)), Some(Object::Node(_))) => Some((&n.name, NodeChange::Updated)),
+            _ => None,
+        };
+        if let Some((name, change)) = change {
+            nodes.push(NodeEvent { name: name.clone(), change });
+        }
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.extend(applied);
+    out.extend(nodes.into_iter().map(Event::Node));
     out
 }
 

@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use switchyard_engine::cluster::Cluster;
+use switchyard_engine::cluster::{Cluster, Delta};
 use switchyard_engine::model::ObjectKey;
 use switchyard_engine::policy::{self, Backend, NodePlan};
 use switchyard_engine::render;
@@ -64,6 +64,9 @@ impl SyncKind {
 pub enum Input {
     /// The cluster is now `cluster`; `changes` says what differs from the previous one.
     Cluster { now: Duration, cluster: Box<Cluster>, changes: Changes },
+    /// The cluster changed by these objects only (a source that knows what it changed: no whole
+    /// cluster to copy, compare or free); `changes` says which services they touch.
+    Delta { now: Duration, deltas: Vec<Delta>, changes: Changes },
     /// The wake-up asked for by [`Action::Wake`] (or any earlier one) fired.
     Tick { now: Duration },
     /// The program of the last [`Action::Apply`] was applied (`error: None`) or not. `took` is
@@ -283,6 +286,15 @@ impl State {
         let now = match input {
             Input::Cluster { now, cluster, changes } => {
                 self.cluster = *cluster;
+                self.pending_services.extend(changes.services);
+                self.pending_endpoints.extend(changes.endpoints);
+                self.pending_all |= changes.all;
+                now
+            }
+            Input::Delta { now, deltas, changes } => {
+                for d in deltas {
+                    self.cluster.patch(d);
+                }
                 self.pending_services.extend(changes.services);
                 self.pending_endpoints.extend(changes.endpoints);
                 self.pending_all |= changes.all;
@@ -675,6 +687,27 @@ mod tests {
         assert_eq!(applies(&a).first().map(|x| x.0), Some(SyncKind::Partial));
         s.step(ok(ms(2_001)));
         assert_eq!(s.applied(), Some(&policy::plan(s.cluster(), "node-1", Backend::Nftables)));
+    }
+
+    /// A change handed on as deltas patches the loop's cluster and syncs exactly as the whole new
+    /// cluster would.
+    #[test]
+    fn deltas_sync_as_the_whole_cluster() {
+        let (mut by_cluster, mut by_delta) = (synced(), synced());
+        let (c1, ch1) = without_nginx_endpoints(by_cluster.cluster());
+        let deltas: Vec<Delta> = by_delta
+            .cluster()
+            .endpoint_slices
+            .values()
+            .filter(|s| s.service == "nginx-svc")
+            .map(|s| Delta { before: Some(switchyard_engine::input::Object::EndpointSlice(s.clone())), after: None })
+            .collect();
+        assert!(!deltas.is_empty());
+        let a = by_cluster.step(Input::Cluster { now: ms(1_000), cluster: c1, changes: ch1.clone() });
+        let b = by_delta.step(Input::Delta { now: ms(1_000), deltas, changes: ch1 });
+        assert_eq!(applies(&b).first().map(|x| x.0), Some(SyncKind::Partial));
+        assert_eq!(applies(&a), applies(&b));
+        assert_eq!(by_cluster.cluster(), by_delta.cluster());
     }
 
     #[test]
