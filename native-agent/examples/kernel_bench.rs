@@ -17,6 +17,7 @@
 //!   folder (10 Services and their slices per file); one file is rewritten, then timed: the
 //!   source's reload of the file the watcher names (read, parse, patch the cluster, deltas), the
 //!   stream's watch events, the sync loop's step (replan + render), and `nft -f`; the median of ten;
+//!   then ten more through the agent's netlink applier instead of `nft -f`;
 //! - connect: `connect()` from the node to a ClusterIP, DNATed to a local listener, for the first
 //!   and the last service of the program; the median and p99 of 2,000 connections.
 
@@ -92,9 +93,9 @@ fn main() -> ExitCode {
     }
     println!();
     println!(
-        "| services | manifest → kernel, nftables (median of 10) | reload | watch events | plan | rest of the step (render) | nft |"
+        "| services | manifest → kernel, nftables: `nft -f` (median of 10) | reload | watch events | plan | rest of the step (render) | nft | manifest → kernel: netlink applier (median of 10) | netlink |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes_again(&args) {
         match agent_path(n) {
             Ok(row) => println!("{row}"),
@@ -552,15 +553,19 @@ fn agent_path(n: u32) -> Result<String, String> {
     let Some(program) = apply_of(state.step(first)) else { return Err("no first sync".into()) };
     kernel(&program)?;
     state.step(sync::Input::Applied { now: Duration::from_millis(1), took: Duration::ZERO, error: None });
+    // The agent's own nftables kernel: element-only transactions over netlink (rounds 10..20).
+    let mut hybrid = nft_netlink::Hybrid::kernel(nftables::Kernel::in_netns(&ns.name), Some(ns.name.clone()));
+    hybrid.assume_applied(&program);
 
     let (mut total, mut reload, mut events, mut plan, mut render, mut nft) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..10u32 {
+    let (mut total_netlink, mut netlink) = (Vec::new(), Vec::new());
+    for round in 0..20u32 {
         let first_of_file = changed / PER_FILE * PER_FILE;
         write(file_of(changed), services_yaml(first_of_file, n, changed, (round + 1) % 2))?;
         let path = dir.0.join(file_of(changed));
-        // Two seconds apart: past minSyncPeriod (1 s), before the periodic full sync (30 s).
-        let now = Duration::from_secs(2 * u64::from(round + 1));
+        // 1.1 s apart: past minSyncPeriod (1 s); all 20 before the periodic full sync (30 s).
+        let now = Duration::from_millis(1_100 * u64::from(round + 1));
         let t0 = Instant::now();
         let r = source.reload_paths([path]);
         let input = sync::Input::Delta { now, deltas: r.deltas.ok_or("not incremental")?, changes: r.changes };
@@ -577,10 +582,22 @@ fn agent_path(n: u32) -> Result<String, String> {
         let t3 = Instant::now();
         let Some(program) = apply_of(state.step(input)) else { return Err(format!("round {round}: no sync")) };
         let t4 = Instant::now();
-        kernel(&program)?;
+        if round < 10 {
+            kernel(&program)?;
+        } else {
+            nftables::NftApplier::apply(&mut hybrid, &program).map_err(|e| e.to_string())?;
+            if hybrid.last != Some(nft_netlink::Path::Netlink) {
+                return Err(format!("round {round} went through nft, not netlink"));
+            }
+        }
         let t5 = Instant::now();
         state.step(sync::Input::Applied { now: now + Duration::from_millis(1), took: t5 - t3, error: None });
         drop(ev);
+        if round >= 10 {
+            netlink.push(t5 - t4);
+            total_netlink.push((t1 - t0) + (t2 - t1) + (t4 - t3) + (t5 - t4));
+            continue;
+        }
         reload.push(t1 - t0);
         events.push(t2 - t1);
         render.push((t4 - t3).saturating_sub(*plan.last().unwrap_or(&Duration::ZERO)));
@@ -588,13 +605,15 @@ fn agent_path(n: u32) -> Result<String, String> {
         total.push((t1 - t0) + (t2 - t1) + (t4 - t3) + (t5 - t4));
     }
     Ok(format!(
-        "| {n} | {} | {} | {} | {} | {} | {} |",
+        "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
         ms(median(&mut total)),
         ms(median(&mut reload)),
         ms(median(&mut events)),
         ms(median(&mut plan)),
         ms(median(&mut render)),
         ms(median(&mut nft)),
+        ms(median(&mut total_netlink)),
+        us(median(&mut netlink)),
     ))
 }
 
