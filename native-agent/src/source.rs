@@ -147,13 +147,20 @@ impl ManifestSource {
     pub fn reload_paths(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Reload {
         let mut out = Reload::default();
         let mut touched: BTreeSet<Key> = BTreeSet::new();
+        let paths: Vec<PathBuf> = paths.into_iter().collect();
+        // A folder created, removed or renamed names only itself, not the files inside.
+        let folder = |p: &PathBuf| {
+            p.strip_prefix(&self.root).map_or(true, |rel| rel.as_os_str().is_empty())
+                || p.is_dir()
+                || self.holds_files_under(p)
+        };
+        if paths.iter().any(folder) {
+            return self.reload();
+        }
         for path in paths {
-            let Ok(rel) = path.strip_prefix(&self.root) else { return self.reload() };
-            // A folder created, removed or renamed names only itself, not the files inside.
-            if rel.as_os_str().is_empty() || path.is_dir() || self.holds_files_under(&path) {
-                return self.reload();
-            }
-            let hidden = rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+            let hidden = path
+                .strip_prefix(&self.root)
+                .is_ok_and(|rel| rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.')));
             if hidden || !load::is_manifest(&path) {
                 continue;
             }
@@ -525,7 +532,9 @@ mod tests {
                 }
             }
             let before = inc.cluster().clone();
-            let r = inc.reload_paths([path]);
+            // Watchers name unchanged files too (a touch, a second event for the same write).
+            let also = d.0.join(files[next(files.len() as u64) as usize]);
+            let r = inc.reload_paths([path, also]);
             let want = full.reload();
             assert_eq!(inc.cluster(), full.cluster(), "step {step}: {f}");
             assert_eq!(r.changed, want.changed, "step {step}");
