@@ -6,11 +6,13 @@
 //!   endpoint added) that incremental programs are tested with;
 //! - [`differential`] checks real connections in the lab against the tracer, and runs the
 //!   `switchyard` binary in a lab node for the fault tests;
+//! - [`listing`] turns kernel listings into sorted lines that compare equal when the programs are;
 //! - [`netns`] runs kernel tools inside throwaway network namespaces that are deleted on every
 //!   exit path, and says why kernel tests must be skipped on this machine.
 
 pub mod changes;
 pub mod differential;
+pub mod listing;
 pub mod netns;
 pub mod scenario;
 

@@ -15,6 +15,7 @@ use switchyard_engine::policy::{self, Backend, NodePlan};
 use switchyard_engine::render::nftables::{render, render_incremental_for};
 use switchyard_engine::synthetic;
 use switchyard_tests::changes;
+use switchyard_tests::listing::normalize_nft;
 use switchyard_tests::netns::{self, Netns};
 
 fn hybrid(ns: &Netns) -> Hybrid<nftables::Kernel> {
@@ -28,54 +29,9 @@ fn hybrid(ns: &Netns) -> Hybrid<nftables::Kernel> {
     )
 }
 
-/// `nft list ruleset` as sorted lines, each element on a line of its own keyed by its block.
+/// `nft list ruleset`, as sorted lines.
 fn ruleset(ns: &Netns) -> Vec<String> {
-    let listing = ns.exec("nft", &["list", "ruleset"], None).expect("nft list ruleset");
-    let mut out = Vec::new();
-    let (mut block, mut n, mut in_elements) = (String::new(), 0usize, false);
-    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if !in_elements && (line.starts_with("table ") || line.ends_with(" {")) {
-            if line.starts_with("table ") {
-                block.clear();
-            }
-            block = format!("{block} / {}", line.trim_end_matches(" {"));
-            out.push(block.clone());
-            n = 0;
-            continue;
-        }
-        let body = match line.strip_prefix("elements = {") {
-            Some(rest) => {
-                in_elements = true;
-                rest
-            }
-            None if in_elements => line,
-            None => {
-                if line == "}" {
-                    // Back to the table's level.
-                    if let Some(cut) = block.rfind(" / ") {
-                        block.truncate(cut);
-                    }
-                } else {
-                    out.push(format!("{block} / {n:04} {line}"));
-                    n += 1;
-                }
-                continue;
-            }
-        };
-        let (body, closed) = match body.strip_suffix('}') {
-            Some(b) => (b, true),
-            None => (body, false),
-        };
-        // Comments hold no commas in these programs' element lists' keys; split on ", ".
-        for item in body.split(", ").map(|s| s.trim().trim_end_matches(',')).filter(|s| !s.is_empty()) {
-            out.push(format!("{block} / element {item}"));
-        }
-        if closed {
-            in_elements = false;
-        }
-    }
-    out.sort();
-    out
+    normalize_nft(&ns.exec("nft", &["list", "ruleset"], None).expect("nft list ruleset"))
 }
 
 fn skip() -> bool {
