@@ -504,19 +504,7 @@ mod tests {
         assert_eq!(ServerMessage::from_json(&ev.to_json()).expect("decodes"), ev);
 
         // Every kind of event decodes (a field named like the tag would not).
-        let sync = Event::Sync(SyncEvent {
-            node: "node-1".into(),
-            backend: "nftables".into(),
-            kind: SyncKind::Full,
-            ok: true,
-            duration_ms: 1.0,
-            render_ms: 0.5,
-            rules: 3,
-            changed: 3,
-            services: vec![],
-            services_omitted: 0,
-            error: None,
-        });
+        let sync = Event::Sync(sync_event(SyncKind::Full));
         let ev = ServerMessage::Event(Sequenced { seq: 2, time_ms: 0, event: sync });
         assert_eq!(ServerMessage::from_json(&ev.to_json()).expect("decodes"), ev);
 
@@ -525,15 +513,12 @@ mod tests {
         assert!(err.to_string().contains("extra"), "{err}");
     }
 
-    /// A sync event names at most `SYNC_SERVICES_LISTED` services and counts the others, on the
-    /// wire too.
-    #[test]
-    fn sync_events_name_a_bounded_number_of_services() {
-        let keys: Vec<ObjectKey> = (0..3_000).map(|i| ObjectKey::new("churn", format!("bulk-{i}"))).collect();
-        let blank = SyncEvent {
+    /// A sync of node-1 that named no services.
+    fn sync_event(kind: SyncKind) -> SyncEvent {
+        SyncEvent {
             node: "node-1".into(),
             backend: "nftables".into(),
-            kind: SyncKind::Partial,
+            kind,
             ok: true,
             duration_ms: 1.0,
             render_ms: 0.5,
@@ -542,7 +527,15 @@ mod tests {
             services: vec![],
             services_omitted: 0,
             error: None,
-        };
+        }
+    }
+
+    /// A sync event names at most `SYNC_SERVICES_LISTED` services and counts the others, on the
+    /// wire too.
+    #[test]
+    fn sync_events_name_a_bounded_number_of_services() {
+        let keys: Vec<ObjectKey> = (0..3_000).map(|i| ObjectKey::new("churn", format!("bulk-{i}"))).collect();
+        let blank = sync_event(SyncKind::Partial);
         let big = blank.clone().with_services(&keys);
         assert_eq!(big.services, keys[..SYNC_SERVICES_LISTED]);
         assert_eq!(big.services_omitted, 3_000 - SYNC_SERVICES_LISTED);
