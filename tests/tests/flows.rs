@@ -29,6 +29,7 @@ use switchyard_engine::model::{ObjectKey, Protocol};
 use switchyard_engine::policy::{self, Backend};
 use switchyard_engine::protocol::{Event, FlowEvent, FlowOrigin, FlowState, ServerMessage};
 use switchyard_engine::trace::{SocketAddr as EngineAddr, Verdict};
+use switchyard_tests::differential::svc;
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -39,17 +40,6 @@ fn skip(backend: BackendChoice) -> bool {
             true
         }
         None => false,
-    }
-}
-
-fn svc(name: &str, kind: &'static str, ip: &str, endpoints: &[&str]) -> Svc {
-    Svc {
-        name: name.into(),
-        kind,
-        cluster_ip: ip.into(),
-        port: 80,
-        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-        ..Svc::default()
     }
 }
 
