@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::model::*;
 
-mod yaml;
+pub mod yaml;
 
 /// One object the proxy cares about.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -104,8 +104,7 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Problem>> {
         match yaml::documents(text, limits) {
             Ok(d) => d,
             Err(e) => {
-                let msg = format!("invalid YAML at line {} column {}: {}", e.line, e.column, e.message);
-                return Err(vec![whole(msg, e.document)]);
+                return Err(vec![whole(format!("invalid YAML at {e}"), e.document)]);
             }
         }
     };
