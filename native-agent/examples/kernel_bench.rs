@@ -67,9 +67,9 @@ fn main() -> ExitCode {
     };
     remove_stale_namespaces();
     println!(
-        "| services | backend | full: render | full: kernel | kernel share | change: plan+render | change: kernel (nft -f) | change: kernel (netlink) | connect 1st (median/p99) | connect last (median/p99) |"
+        "| services | backend | full: render | full: kernel | kernel share | full: kernel (netlink) | change: plan+render | change: kernel (nft -f) | change: kernel (netlink) | connect 1st (median/p99) | connect last (median/p99) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let before = synthetic::cluster(n, ENDPOINTS);
         let changed_service = n / 2;
@@ -79,17 +79,29 @@ fn main() -> ExitCode {
                 // `iptables-nft-restore --noflush` rebuilds its whole cache rule by rule: over
                 // seven minutes of CPU at 10,000 services here before it was stopped.
                 println!(
-                    "| {n} | {} | not run: a full restore takes many minutes at this size | | | | | | | |",
+                    "| {n} | {} | not run: a full restore takes many minutes at this size | | | | | | | | |",
                     backend.label()
                 );
                 continue;
             }
             match run(n, &before, &after, changed_service, backend) {
                 Ok(row) => println!("{row}"),
-                Err(e) => println!("| {n} | {} | failed: {e} | | | | | | | |", backend.label()),
+                Err(e) => println!("| {n} | {} | failed: {e} | | | | | | | | |", backend.label()),
             }
             let _ = std::io::stdout().flush();
         }
+    }
+    println!();
+    println!(
+        "| services | nftables first full load, netlink applier: render | load | of which: read the program (elements) | stage the declarations (`nft -f`) | read back | batch: encode, send, commit | render + load |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in sizes_again(&args) {
+        match netlink_phases(n) {
+            Ok(row) => println!("{row}"),
+            Err(e) => println!("| {n} | failed: {e} | | | | | | |"),
+        }
+        let _ = std::io::stdout().flush();
     }
     println!();
     println!(
@@ -192,9 +204,11 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
         kernel_change.push(t.elapsed());
         applied = new_plan;
     }
-    let netlink_change = match bench {
-        Bench::Nft => us(netlink_changes(&ns.name, &program, &applied, before, after, &hint)?),
-        _ => "—".to_string(),
+    let (netlink_full, netlink_change) = match bench {
+        Bench::Nft => {
+            (ms(netlink_full_load(&program)?), us(netlink_changes(&ns.name, &program, &applied, before, after, &hint)?))
+        }
+        _ => ("—".to_string(), "—".to_string()),
     };
 
     let connects = if matches!(bench, Bench::Ipvs) {
@@ -207,7 +221,7 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
     };
     let share = kernel_full.as_secs_f64() / (kernel_full + render_full).as_secs_f64() * 100.0;
     Ok(format!(
-        "| {n} | {} | {} | {} | {share:.0} % | {} | {} | {netlink_change} | {} | {} |",
+        "| {n} | {} | {} | {} | {share:.0} % | {netlink_full} | {} | {} | {netlink_change} | {} | {} |",
         bench.label(),
         ms(render_full),
         ms(kernel_full),
@@ -215,6 +229,45 @@ fn run(n: u32, before: &Cluster, after: &Cluster, changed: u32, bench: Bench) ->
         ms(median(&mut kernel_change)),
         connects.0,
         connects.1,
+    ))
+}
+
+/// The first load of the full program into an empty kernel through the agent's hybrid applier:
+/// the declarations staged by `nft`, read back, and the whole program sent as one netlink batch
+/// (the socket is opened before, as the agent opens it at start).
+fn netlink_full_load(program: &str) -> Result<Duration, String> {
+    netlink_load(program).map(|(took, _)| took)
+}
+
+fn netlink_load(program: &str) -> Result<(Duration, nft_netlink::ProgramPhases), String> {
+    let ns = Netns::new()?;
+    let mut k = nft_netlink::Hybrid::kernel(nftables::Kernel::in_netns(&ns.name), Some(ns.name.clone()));
+    let t = Instant::now();
+    nftables::NftApplier::apply(&mut k, program).map_err(|e| e.to_string())?;
+    let took = t.elapsed();
+    match (k.last, k.last_program) {
+        (Some(nft_netlink::Path::Netlink), Some(phases)) => Ok((took, phases)),
+        _ => Err("the full program went through nft, not netlink".into()),
+    }
+}
+
+/// The first full load through the netlink applier again, from the plan, with its steps.
+fn netlink_phases(n: u32) -> Result<String, String> {
+    let t = Instant::now();
+    let plan = policy::plan(&synthetic::cluster(n, ENDPOINTS), NODE, Backend::Nftables);
+    let program = render::nftables::render(&plan);
+    let render = t.elapsed();
+    let (load, p) = netlink_load(&program)?;
+    Ok(format!(
+        "| {n} | {} | {} | {} ({}) | {} | {} | {} | {} |",
+        ms(render),
+        ms(load),
+        ms(p.split),
+        p.elements,
+        ms(p.staging),
+        ms(p.read_back),
+        ms(p.batch),
+        ms(render + load),
     ))
 }
 

@@ -1,14 +1,15 @@
-//! The netlink element applier on a real kernel: it must leave exactly the ruleset `nft -f`
-//! leaves, and a batch the kernel refuses must change nothing.
+//! The netlink applier on a real kernel: it must leave exactly the ruleset `nft -f` leaves, and
+//! a batch the kernel refuses must change nothing.
 //!
-//! Two namespaces get the same full program through `nft -f`; then the same series of
-//! incremental transactions goes to one through the agent's [`Hybrid`] applier (element-only
-//! transactions over netlink, the rest through `nft`) and to the other through `nft -f` alone.
-//! After each transaction both rulesets must be equal (elements compared as sets: the kernel
-//! lists a hash set in its own order). Skipped, with the reason printed, when not root or
-//! without `nft`.
+//! Two namespaces get the same full program, one through the agent's [`Hybrid`] applier (a whole
+//! program in one netlink batch, its declarations staged by `nft`), the other through `nft -f`;
+//! then the same series of incremental transactions goes to both (element-only transactions over
+//! netlink, the rest through `nft`), and last the final full program again. After each
+//! transaction both rulesets must be equal (elements compared as sets: the kernel lists a hash
+//! set in its own order), and no staging table may be left. Skipped, with the reason printed,
+//! when not root or without `nft`.
 
-use switchyard_agent::apply::nft_netlink::{Hybrid, NetlinkError, Path, Socket};
+use switchyard_agent::apply::nft_netlink::{Hybrid, NetlinkError, Path, Socket, program};
 use switchyard_agent::apply::nftables::{self, ApplyError, NftApplier};
 use switchyard_engine::cluster::Cluster;
 use switchyard_engine::policy::{self, Backend, NodePlan};
@@ -51,8 +52,8 @@ fn walk(name: &str, start: &Cluster, node: &str, steps: Vec<(String, Cluster)>, 
     let program = render(&old);
     fast.apply(&program).expect("full program through the hybrid");
     slow.apply(&program).expect("full program through nft");
-    assert_eq!(fast.last, Some(Path::Nft));
-    assert_eq!(ruleset(&a), ruleset(&b));
+    assert_eq!(fast.last, Some(Path::Netlink), "{name} {node}: the full program went through nft");
+    assert_same(&a, &b, &format!("{name} {node}: full program"));
     for (what, cluster) in steps {
         let new = policy::plan(&cluster, node, Backend::Nftables);
         let txn = render_incremental_for(&old, &new, None);
@@ -64,17 +65,26 @@ fn walk(name: &str, start: &Cluster, node: &str, steps: Vec<(String, Cluster)>, 
         if fast.last == Some(Path::Netlink) {
             *via_netlink += 1;
         }
-        let (got, want) = (ruleset(&a), ruleset(&b));
-        if got != want {
-            let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).take(5).collect();
-            let missing: Vec<&String> = want.iter().filter(|l| !got.contains(l)).take(5).collect();
-            panic!(
-                "{name} {what} ({:?}): rulesets differ\n  only netlink: {extra:?}\n  only nft: {missing:?}\n{txn}",
-                fast.last
-            );
-        }
+        assert_same(&a, &b, &format!("{name} {what} ({:?})\n{txn}", fast.last));
         old = new;
     }
+    // A full sync over what is there: the table is replaced in the same batch.
+    let program = render(&old);
+    fast.apply(&program).expect("full program again through the hybrid");
+    slow.apply(&program).expect("full program again through nft");
+    assert_eq!(fast.last, Some(Path::Netlink));
+    assert_same(&a, &b, &format!("{name} {node}: full program again"));
+}
+
+fn assert_same(a: &Netns, b: &Netns, what: &str) {
+    let (got, want) = (ruleset(a), ruleset(b));
+    if got != want {
+        let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).take(5).collect();
+        let missing: Vec<&String> = want.iter().filter(|l| !got.contains(l)).take(5).collect();
+        panic!("{what}: rulesets differ\n  only netlink: {extra:?}\n  only nft: {missing:?}");
+    }
+    let tables = a.exec("nft", &["list", "tables"], None).expect("nft list tables");
+    assert!(!tables.contains(program::STAGING), "{what}: a staging table is left: {tables}");
 }
 
 /// Netlink and `nft -f` end in identical rulesets after every transaction: endpoint replaced
@@ -155,4 +165,35 @@ fn a_refused_batch_changes_nothing() {
     assert_eq!(k.last, Some(Path::Netlink));
     let after = ruleset(&ns);
     assert!(after.iter().any(|l| l.ends_with("cluster-ips / element 10.99.0.1")), "{after:?}");
+}
+
+/// A full program the kernel refuses (a verdict element that jumps to a chain which does not
+/// exist: `nft` stages the declarations fine, the batch fails on the element) changes nothing:
+/// the previous program stays, `nft -f` refuses it too, no staging table is left, and a foreign
+/// table is untouched. The next valid program goes over netlink again.
+#[test]
+fn a_refused_program_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let ns = Netns::new().expect("namespace");
+    ns.exec("nft", &["-f", "-"], Some("table inet foreign {\n\tchain c {\n\t\ttcp dport 9 drop\n\t}\n}\n"))
+        .expect("foreign table");
+    let mut k = hybrid(&ns);
+    let plan = policy::plan(&synthetic::cluster(20, 10), "node-a", Backend::Nftables);
+    let good = render(&plan);
+    k.apply(&good).expect("program");
+    assert_eq!(k.last, Some(Path::Netlink));
+    let before = ruleset(&ns);
+    let bad = good.replacen(": goto lb-ip-10", ": goto no-such-chain", 1);
+    assert_ne!(bad, good);
+    let e = k.apply(&bad).expect_err("refused");
+    assert!(matches!(e, ApplyError::Failed { .. }), "nft's verdict is the one returned: {e:?}");
+    assert_eq!(ruleset(&ns), before);
+    let tables = ns.exec("nft", &["list", "tables"], None).expect("tables");
+    assert!(!tables.contains(program::STAGING), "{tables}");
+    assert!(before.iter().any(|l| l.contains("foreign")), "{before:?}");
+    k.apply(&good).expect("program again");
+    assert_eq!(k.last, Some(Path::Netlink));
+    assert_eq!(ruleset(&ns), before);
 }

@@ -1,18 +1,24 @@
-//! A long-lived netlink applier for nftables element updates, beside `nft -f`.
+//! A long-lived netlink applier for nftables, beside `nft -f`.
 //!
 //! One endpoint change costs ~16-20 ms through `nft -f`, nearly all of it in the `nft` process
 //! (start, reading back its cache, an RCU wait when its socket closes); the kernel commits the
-//! same element update in well under a millisecond. Most partial syncs are only element adds
-//! and deletes, so [`Hybrid`] sends those as one nfnetlink batch (`NFNL_MSG_BATCH_BEGIN`,
-//! `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM`..., `NFNL_MSG_BATCH_END`: atomic, as `nft` is) on a
-//! `NETLINK_NETFILTER` socket it keeps open, and everything else through `nft -f` as before:
+//! same element update in well under a millisecond. A full program at 10,000 Services costs
+//! ~2.8 s, two thirds of it `nft` parsing 330,000 elements. So [`Hybrid`] sends on a
+//! `NETLINK_NETFILTER` socket it keeps open, as one nfnetlink batch (`NFNL_MSG_BATCH_BEGIN`,
+//! messages..., `NFNL_MSG_BATCH_END`: atomic, as `nft` is):
+//!
+//! - transactions of element adds and deletes only (most partial syncs);
+//! - whole programs (full syncs): the declarations and rules are staged by `nft` in a hookless
+//!   table and read back, the elements encoded here ([`program`]);
+//!
+//! and everything else through `nft -f` as before:
 //!
 //! - [`Declarations`] learns each set's key and data types from the scripts that went through
 //!   `nft` (the full program declares every set); interval sets and types it cannot encode
 //!   exactly are marked unsupported;
 //! - [`plan`] turns a transaction into a [`Batch`], or says why it must go through `nft`;
 //! - [`encode`] writes the batch's bytes (pure; tested against what `nft` 1.0.6 sends);
-//! - [`Socket`] sends a batch and reads an ack or error for every message.
+//! - [`Socket`] sends a batch and reads an ack or error for every message, and reads dumps.
 //!
 //! Encoding (`include/uapi/linux/netfilter/nf_tables.h`, nft's `datatype.c`): a concatenation
 //! pads each field to 4 bytes; addresses and `inet_service` are in network byte order,
@@ -24,7 +30,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::net::netlink::{self, SocketAddrNetlink};
@@ -42,6 +48,9 @@ const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -62,8 +71,8 @@ const NFPROTO_IPV6: u8 = 10;
 /// An attribute's length is 16 bits: a message's element list stays below this, and a longer
 /// statement is split over several messages of the same batch.
 const MAX_ELEMENTS_ATTR: usize = 60_000;
-/// Batches above this go through `nft` (a full resync's size, not an incremental one's).
-const MAX_BATCH: usize = 8 << 20;
+/// Batches above this go through `nft` (a full program at 10,000 Services is ~17 MB).
+const MAX_BATCH: usize = 256 << 20;
 
 /// One field of a set's key or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,10 +263,13 @@ pub struct SetUpdate {
     pub elements: Vec<Element>,
 }
 
-/// A transaction this module can send: element updates, in the script's order.
+/// A transaction this module can send: element updates, in the script's order; for a whole
+/// program ([`program`]) also the messages that go before and after them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
+    pub before: Vec<program::RawMessage>,
     pub updates: Vec<SetUpdate>,
+    pub after: Vec<program::RawMessage>,
 }
 
 impl Batch {
@@ -437,6 +449,17 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
     let begin_seq = next;
     batch_marker(&mut b, NFNL_MSG_BATCH_BEGIN, next);
     let mut messages = Vec::new();
+    let raw = |b: &mut Vec<u8>, next: &mut u32, messages: &mut Vec<MessageInfo>, m: &program::RawMessage| {
+        *next = next.wrapping_add(1);
+        let flags = NLM_F_REQUEST | NLM_F_ACK | m.flags;
+        let at = msg_start(b, (NFNL_SUBSYS_NFTABLES << 8) | m.msg, flags, *next, m.family, 0);
+        b.extend_from_slice(&m.attrs);
+        msg_end(b, at);
+        messages.push(MessageInfo { seq: *next, what: m.what.clone() });
+    };
+    for m in &batch.before {
+        raw(&mut b, &mut next, &mut messages, m);
+    }
     let mut elem = Vec::new();
     for u in &batch.updates {
         let (ty, flags) = match u.op {
@@ -471,6 +494,9 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
             });
             rest = &rest[taken..];
         }
+    }
+    for m in &batch.after {
+        raw(&mut b, &mut next, &mut messages, m);
     }
     next = next.wrapping_add(1);
     batch_marker(&mut b, NFNL_MSG_BATCH_END, next);
@@ -579,6 +605,17 @@ pub enum NetlinkError {
 /// Sends batches; [`Socket`] is the kernel, tests substitute a fake.
 pub trait BatchSender: Send {
     fn send(&mut self, batch: &Batch) -> Result<(), NetlinkError>;
+
+    /// Whether [`BatchSender::dump`] reads a kernel (whole programs need it).
+    fn can_dump(&self) -> bool {
+        false
+    }
+
+    /// The replies to a dump request `msg` (`NFT_MSG_GET*`) with `attrs` as the filter.
+    fn dump(&mut self, msg: u16, family: u8, attrs: &[u8]) -> Result<Vec<program::Dumped>, NetlinkError> {
+        let _ = (msg, family, attrs);
+        Err(NetlinkError::Io(io::Error::other("this sender reads no kernel")))
+    }
 }
 
 /// One `NETLINK_NETFILTER` socket, kept open for the agent's life.
@@ -675,6 +712,60 @@ fn open_fd() -> io::Result<OwnedFd> {
 }
 
 impl BatchSender for Socket {
+    fn can_dump(&self) -> bool {
+        true
+    }
+
+    fn dump(&mut self, msg: u16, family: u8, attrs: &[u8]) -> Result<Vec<program::Dumped>, NetlinkError> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut b = Vec::with_capacity(64 + attrs.len());
+        let at = msg_start(&mut b, (NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0);
+        b.extend_from_slice(attrs);
+        msg_end(&mut b, at);
+        rustix::net::send(&self.fd, &b, SendFlags::empty()).map_err(|e| NetlinkError::Io(e.into()))?;
+        let mut out = Vec::new();
+        loop {
+            let n = match rustix::net::recv(self.fd.as_fd(), &mut self.buf[..], RecvFlags::empty()) {
+                Ok((n, _)) => n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(NetlinkError::Io(e.into())),
+            };
+            let mut at = 0;
+            while at + 16 <= n {
+                let m = &self.buf[at..n];
+                let len = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize;
+                let ty = u16::from_ne_bytes([m[4], m[5]]);
+                let flags = u16::from_ne_bytes([m[6], m[7]]);
+                let mseq = u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
+                if len < 16 || len > m.len() {
+                    return Err(NetlinkError::Io(io::Error::other("truncated netlink dump")));
+                }
+                at += len.next_multiple_of(4);
+                if mseq != seq {
+                    continue;
+                }
+                if flags & NLM_F_DUMP_INTR != 0 {
+                    return Err(NetlinkError::Io(io::Error::other("the ruleset changed during the dump")));
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if len >= 20 => {
+                        let errno = i32::from_ne_bytes([m[16], m[17], m[18], m[19]]);
+                        return Err(NetlinkError::Rejected {
+                            what: format!("the dump of message type {msg}"),
+                            source: io::Error::from_raw_os_error(-errno),
+                        });
+                    }
+                    _ if len >= 20 && ty >> 8 == NFNL_SUBSYS_NFTABLES => {
+                        out.push(program::Dumped { msg: ty & 0xff, family: m[16], attrs: m[20..len].to_vec() })
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     fn send(&mut self, batch: &Batch) -> Result<(), NetlinkError> {
         let enc = encode(batch, self.seq);
         self.seq = enc.end_seq.wrapping_add(1);
@@ -728,6 +819,8 @@ pub struct Hybrid<A> {
     pub on_apply: Option<Box<dyn FnMut(Path) + Send>>,
     /// The path of the last transaction applied.
     pub last: Option<Path>,
+    /// Where the time of the last whole program over netlink went.
+    pub last_program: Option<ProgramPhases>,
     said_unavailable: bool,
     announced: bool,
 }
@@ -751,6 +844,7 @@ impl<A: NftApplier> Hybrid<A> {
             decls: Declarations::default(),
             on_apply: None,
             last: None,
+            last_program: None,
             said_unavailable: said,
             announced: false,
         }
@@ -765,6 +859,7 @@ impl<A: NftApplier> Hybrid<A> {
             decls: Declarations::default(),
             on_apply: None,
             last: None,
+            last_program: None,
             said_unavailable: true,
             announced: false,
         }
@@ -807,7 +902,7 @@ impl<A: NftApplier> Hybrid<A> {
 
     fn done(&mut self, path: Path) {
         if path == Path::Netlink && !self.announced {
-            eprintln!("switchyard: nftables element-only transactions now go through netlink");
+            eprintln!("switchyard: nftables full programs and element-only transactions now go through netlink");
             self.announced = true;
         }
         self.last = Some(path);
@@ -817,8 +912,87 @@ impl<A: NftApplier> Hybrid<A> {
     }
 }
 
+/// The steps of a whole program's load over netlink, timed (for the benchmark and logs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramPhases {
+    /// Reading the program: the staging script, and the elements encoded.
+    pub split: Duration,
+    pub elements: usize,
+    /// `nft -f` of the staging script.
+    pub staging: Duration,
+    /// The staging table's dumps, and the batch's messages made from them.
+    pub read_back: Duration,
+    /// Encoding, sending and the kernel's commit, up to its last ack.
+    pub batch: Duration,
+}
+
+/// Why a whole program did not go over netlink (it then goes through `nft -f`).
+#[derive(Debug, thiserror::Error)]
+enum ProgramError {
+    #[error("staging its declarations: {0}")]
+    Staging(#[source] ApplyError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Assemble(#[from] program::AssembleError),
+}
+
+impl<A: NftApplier> Hybrid<A> {
+    /// A full program over netlink ([`program`]); `None` when it is not one this module loads, or
+    /// when no socket that reads the kernel is open.
+    fn apply_program(&mut self, script: &str) -> Option<Result<(), ProgramError>> {
+        if !self.sender().is_some_and(|s| s.can_dump()) {
+            return None;
+        }
+        let t = Instant::now();
+        let mut split = program::split(script).ok()?;
+        let mut phases = ProgramPhases { split: t.elapsed(), elements: split.elements(), ..ProgramPhases::default() };
+        let t = Instant::now();
+        if let Err(e) = self.nft.apply(&split.staging) {
+            return Some(Err(ProgramError::Staging(e)));
+        }
+        phases.staging = t.elapsed();
+        let sender = self.sender.as_mut()?;
+        let result = (|| {
+            let t = Instant::now();
+            let mut staged = program::Staged::default();
+            for (msg, family, attrs, part) in program::dump_requests(&split) {
+                staged.push(part, sender.dump(msg, family, &attrs)?);
+            }
+            let (before, after) = program::assemble(&split, &staged)?;
+            let updates = split.families.iter_mut().flat_map(|f| std::mem::take(&mut f.elements)).collect();
+            phases.read_back = t.elapsed();
+            let t = Instant::now();
+            sender.send(&Batch { before, updates, after })?;
+            phases.batch = t.elapsed();
+            Ok(())
+        })();
+        if result.is_err() {
+            // The batch changed nothing (or its fate is unknown): the staging table must go.
+            let _ = self.nft.apply(&split.cleanup_script());
+        } else {
+            self.last_program = Some(phases);
+        }
+        Some(result)
+    }
+}
+
 impl<A: NftApplier> NftApplier for Hybrid<A> {
     fn apply(&mut self, script: &str) -> Result<(), ApplyError> {
+        match self.apply_program(script) {
+            Some(Ok(())) => {
+                self.decls.learn(script);
+                self.done(Path::Netlink);
+                return Ok(());
+            }
+            Some(Err(e)) => {
+                eprintln!("switchyard: full program over netlink failed ({e}); it goes through nft -f");
+                if matches!(e, ProgramError::Netlink(NetlinkError::Io(_))) {
+                    self.sender = None;
+                }
+            }
+            None => {}
+        }
         if let Ok(batch) = plan(script, &self.decls)
             && let Some(sender) = self.sender()
         {
@@ -866,6 +1040,8 @@ impl BatchSender for RecordingSender {
         Ok(())
     }
 }
+
+pub mod program;
 
 #[cfg(test)]
 mod tests;
