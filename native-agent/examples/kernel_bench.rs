@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     }
     println!();
     println!(
-        "| services | nftables first full load, netlink applier: render | load | of which: read the program (elements) | stage the declarations (`nft -f`) | read back | batch: encode, send, commit | render + load |"
+        "| services | nftables first full load, netlink applier: plan + render | load | of which: read the program (elements) | stage the declarations (`nft -f`) | read back | batch: encode, send, commit | plan + render + load |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for n in sizes_again(&args) {

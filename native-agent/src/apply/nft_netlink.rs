@@ -268,13 +268,17 @@ pub struct SetUpdate {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     pub before: Vec<program::RawMessage>,
+    /// A program's elements, encoded as it was read: which set, and where in `nests`.
+    pub encoded: Vec<program::EncodedElements>,
+    pub nests: Vec<u8>,
     pub updates: Vec<SetUpdate>,
     pub after: Vec<program::RawMessage>,
 }
 
 impl Batch {
     pub fn elements(&self) -> usize {
-        self.updates.iter().map(|u| u.elements.len()).sum()
+        self.updates.iter().map(|u| u.elements.len()).sum::<usize>()
+            + self.encoded.iter().map(|e| e.count).sum::<usize>()
     }
 }
 
@@ -444,10 +448,23 @@ pub struct Encoded {
 /// elements) with `NLM_F_ACK`, BATCH_END. `add` carries `NLM_F_CREATE` without `NLM_F_EXCL`,
 /// as `nft add element` does (an identical element already there is not an error).
 pub fn encode(batch: &Batch, seq: u32) -> Encoded {
-    let mut b = Vec::with_capacity(256 + batch.elements() * 64);
+    let mut bytes = Vec::new();
+    let (begin_seq, end_seq, messages) = encode_into(batch, seq, &mut bytes);
+    Encoded { bytes, begin_seq, end_seq, messages }
+}
+
+/// [`encode`] into `b` (cleared first), whose allocation a long-lived sender keeps; the
+/// sequence numbers and messages.
+fn encode_into(batch: &Batch, seq: u32, b: &mut Vec<u8>) -> (u32, u32, Vec<MessageInfo>) {
+    b.clear();
+    b.reserve(
+        256 + batch.nests.len()
+            + batch.encoded.len() * 64
+            + batch.updates.iter().map(|u| u.elements.len()).sum::<usize>() * 64,
+    );
     let mut next = seq;
     let begin_seq = next;
-    batch_marker(&mut b, NFNL_MSG_BATCH_BEGIN, next);
+    batch_marker(b, NFNL_MSG_BATCH_BEGIN, next);
     let mut messages = Vec::new();
     let raw = |b: &mut Vec<u8>, next: &mut u32, messages: &mut Vec<MessageInfo>, m: &program::RawMessage| {
         *next = next.wrapping_add(1);
@@ -458,7 +475,31 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
         messages.push(MessageInfo { seq: *next, what: m.what.clone() });
     };
     for m in &batch.before {
-        raw(&mut b, &mut next, &mut messages, m);
+        raw(b, &mut next, &mut messages, m);
+    }
+    for e in &batch.encoded {
+        for (chunk, count) in e.chunks(&batch.nests, MAX_ELEMENTS_ATTR) {
+            next = next.wrapping_add(1);
+            let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
+            let msg = msg_start(
+                b,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+                flags,
+                next,
+                program::nfproto(&e.family),
+                0,
+            );
+            put_str(b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            put_str(b, NFTA_SET_ELEM_LIST_SET, &e.set);
+            let list = nest_start(b, NFTA_SET_ELEM_LIST_ELEMENTS);
+            b.extend_from_slice(chunk);
+            nest_end(b, list);
+            msg_end(b, msg);
+            messages.push(MessageInfo {
+                seq: next,
+                what: format!("add element {} {TABLE} {} ({count} elements)", e.family, e.set),
+            });
+        }
     }
     let mut elem = Vec::new();
     for u in &batch.updates {
@@ -470,10 +511,10 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
         let mut rest = u.elements.as_slice();
         while !rest.is_empty() {
             next = next.wrapping_add(1);
-            let msg = msg_start(&mut b, (NFNL_SUBSYS_NFTABLES << 8) | ty, flags, next, family, 0);
-            put_str(&mut b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            put_str(&mut b, NFTA_SET_ELEM_LIST_SET, &u.set);
-            let list = nest_start(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS);
+            let msg = msg_start(b, (NFNL_SUBSYS_NFTABLES << 8) | ty, flags, next, family, 0);
+            put_str(b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            put_str(b, NFTA_SET_ELEM_LIST_SET, &u.set);
+            let list = nest_start(b, NFTA_SET_ELEM_LIST_ELEMENTS);
             let mut taken = 0;
             for e in rest {
                 elem.clear();
@@ -485,8 +526,8 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
                 b.extend_from_slice(&elem);
                 taken += 1;
             }
-            nest_end(&mut b, list);
-            msg_end(&mut b, msg);
+            nest_end(b, list);
+            msg_end(b, msg);
             let verb = if u.op == Op::Add { "add" } else { "delete" };
             messages.push(MessageInfo {
                 seq: next,
@@ -496,11 +537,11 @@ pub fn encode(batch: &Batch, seq: u32) -> Encoded {
         }
     }
     for m in &batch.after {
-        raw(&mut b, &mut next, &mut messages, m);
+        raw(b, &mut next, &mut messages, m);
     }
     next = next.wrapping_add(1);
-    batch_marker(&mut b, NFNL_MSG_BATCH_END, next);
-    Encoded { bytes: b, begin_seq, end_seq: next, messages }
+    batch_marker(b, NFNL_MSG_BATCH_END, next);
+    (begin_seq, next, messages)
 }
 
 fn encode_element(b: &mut Vec<u8>, e: &Element, index: u16) {
@@ -623,7 +664,10 @@ pub struct Socket {
     fd: OwnedFd,
     seq: u32,
     sndbuf: usize,
+    /// Replies are read into this.
     buf: Vec<u8>,
+    /// Batches are encoded into this.
+    out: Vec<u8>,
 }
 
 impl Socket {
@@ -650,7 +694,7 @@ impl Socket {
         // for one to an earlier socket's batch.
         let seq =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1);
-        Ok(Socket { fd, seq, sndbuf, buf: vec![0; 1 << 18] })
+        Ok(Socket { fd, seq, sndbuf, buf: vec![0; 1 << 18], out: Vec::new() })
     }
 
     fn read_replies(&mut self, enc: &Encoded) -> Result<(), NetlinkError> {
@@ -767,8 +811,20 @@ impl BatchSender for Socket {
     }
 
     fn send(&mut self, batch: &Batch) -> Result<(), NetlinkError> {
-        let enc = encode(batch, self.seq);
-        self.seq = enc.end_seq.wrapping_add(1);
+        // The buffer is kept: a full program's ~14 MB made afresh each time would leave the
+        // allocator holding ever more of them.
+        let mut bytes = std::mem::take(&mut self.out);
+        let (begin_seq, end_seq, messages) = encode_into(batch, self.seq, &mut bytes);
+        self.seq = end_seq.wrapping_add(1);
+        let enc = Encoded { bytes, begin_seq, end_seq, messages };
+        let result = self.send_encoded(&enc);
+        self.out = enc.bytes;
+        result
+    }
+}
+
+impl Socket {
+    fn send_encoded(&mut self, enc: &Encoded) -> Result<(), NetlinkError> {
         if enc.bytes.len() > MAX_BATCH {
             return Err(NetlinkError::TooLarge(enc.bytes.len()));
         }
@@ -785,7 +841,7 @@ impl BatchSender for Socket {
         if sent != enc.bytes.len() {
             return Err(NetlinkError::Io(io::Error::other("short netlink send")));
         }
-        self.read_replies(&enc)
+        self.read_replies(enc)
     }
 }
 
@@ -821,6 +877,8 @@ pub struct Hybrid<A> {
     pub last: Option<Path>,
     /// Where the time of the last whole program over netlink went.
     pub last_program: Option<ProgramPhases>,
+    /// The buffer a program's elements are encoded into, kept from one program to the next.
+    nests: Vec<u8>,
     said_unavailable: bool,
     announced: bool,
 }
@@ -845,6 +903,7 @@ impl<A: NftApplier> Hybrid<A> {
             on_apply: None,
             last: None,
             last_program: None,
+            nests: Vec::new(),
             said_unavailable: said,
             announced: false,
         }
@@ -860,6 +919,7 @@ impl<A: NftApplier> Hybrid<A> {
             on_apply: None,
             last: None,
             last_program: None,
+            nests: Vec::new(),
             said_unavailable: true,
             announced: false,
         }
@@ -945,7 +1005,7 @@ impl<A: NftApplier> Hybrid<A> {
             return None;
         }
         let t = Instant::now();
-        let mut split = program::split(script).ok()?;
+        let mut split = program::split(script, std::mem::take(&mut self.nests)).ok()?;
         let mut phases = ProgramPhases { split: t.elapsed(), elements: split.elements(), ..ProgramPhases::default() };
         let t = Instant::now();
         if let Err(e) = self.nft.apply(&split.staging) {
@@ -960,13 +1020,19 @@ impl<A: NftApplier> Hybrid<A> {
                 staged.push(part, sender.dump(msg, family, &attrs)?);
             }
             let (before, after) = program::assemble(&split, &staged)?;
-            let updates = split.families.iter_mut().flat_map(|f| std::mem::take(&mut f.elements)).collect();
+            let encoded = split.families.iter_mut().flat_map(|f| std::mem::take(&mut f.elements)).collect();
             phases.read_back = t.elapsed();
             let t = Instant::now();
-            sender.send(&Batch { before, updates, after })?;
+            let nests = std::mem::take(&mut split.nests);
+            let batch = Batch { before, encoded, nests, updates: Vec::new(), after };
+            let sent = sender.send(&batch);
+            // Kept for the next program (see `program::split`).
+            split.nests = batch.nests;
+            sent?;
             phases.batch = t.elapsed();
             Ok(())
         })();
+        self.nests = std::mem::take(&mut split.nests);
         if result.is_err() {
             // The batch changed nothing (or its fate is unknown): the staging table must go.
             let _ = self.nft.apply(&split.cleanup_script());

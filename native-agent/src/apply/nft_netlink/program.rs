@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use switchyard_engine::render::nftables::TABLE;
 
 use super::{
-    NFPROTO_IPV4, NFPROTO_IPV6, NLA_F_NESTED, Op, SetType, SetUpdate, Unsupported, nest_end, nest_start, parse_element,
-    put_attr, put_str, split_elements,
+    NFPROTO_IPV4, NFPROTO_IPV6, NLA_F_NESTED, Op, SetType, Unsupported, encode_element, nest_end, nest_start,
+    parse_element, put_attr, put_str, split_elements,
 };
 
 /// The table the declarations are staged in; created and deleted by every full load.
@@ -89,7 +89,7 @@ pub struct FamilyProgram {
     pub declares: bool,
     pub hooks: BTreeMap<String, Hook>,
     /// The elements this module encodes, per set, in the program's order.
-    pub elements: Vec<SetUpdate>,
+    pub elements: Vec<EncodedElements>,
     /// Sets whose elements stay in the staging script (interval sets, ...): read back and copied.
     pub staged_elements: Vec<String>,
 }
@@ -100,11 +100,13 @@ pub struct Split {
     /// For `nft -f`: the declarations and rules in [`STAGING`], hookless.
     pub staging: String,
     pub families: Vec<FamilyProgram>,
+    /// The encoded elements' nests, one set after another ([`EncodedElements::range`]).
+    pub nests: Vec<u8>,
 }
 
 impl Split {
     pub fn elements(&self) -> usize {
-        self.families.iter().flat_map(|f| &f.elements).map(|u| u.elements.len()).sum()
+        self.families.iter().flat_map(|f| &f.elements).map(|e| e.count).sum()
     }
 
     /// `nft` input that removes the staging tables, whatever they hold (after a failure).
@@ -116,8 +118,13 @@ impl Split {
 /// Splits a full program as the renderer prints it (and `full_sync_script` extends it): per
 /// family `table F switchyard`, `delete table F switchyard`, and the table's block. Anything else
 /// (an incremental transaction, a statement this module does not know) is [`Unsupported`].
-pub fn split(script: &str) -> Result<Split, Unsupported> {
-    let mut out = Split { staging: String::with_capacity(16 << 10), families: Vec::new() };
+///
+/// `nests` is a buffer to write the elements to, reused from the previous program: a full
+/// program's 14 MB written into a fresh buffer each time would leave the allocator holding ever
+/// more of them.
+pub fn split(script: &str, mut nests: Vec<u8>) -> Result<Split, Unsupported> {
+    nests.clear();
+    let mut out = Split { staging: String::with_capacity(16 << 10), families: Vec::new(), nests };
     let mut lines = script.lines().enumerate().map(|(i, l)| (i + 1, l));
     let unsupported = |line| Err(Unsupported::Statement { line });
     while let Some((n, line)) = lines.next() {
@@ -130,6 +137,10 @@ pub fn split(script: &str) -> Result<Split, Unsupported> {
             ["table", fam, name] if *name == TABLE => (*fam, false),
             ["delete", "table", fam, name] if *name == TABLE => {
                 let f = family(&mut out.families, fam, n)?;
+                // The batch deletes before it declares, as the renderer's programs do.
+                if f.declares {
+                    return unsupported(n);
+                }
                 f.replaces = true;
                 out.staging.push_str(&format!("delete table {fam} {STAGING}\n"));
                 continue;
@@ -147,7 +158,7 @@ pub fn split(script: &str) -> Result<Split, Unsupported> {
         }
         f.declares = true;
         out.staging.push_str(&format!("table {fam} {STAGING} {{\n"));
-        table_block(&mut lines, f, &mut out.staging)?;
+        table_block(&mut lines, f, &mut out.staging, &mut out.nests)?;
         out.staging.push_str("}\n");
     }
     if !out.families.iter().any(|f| f.declares) {
@@ -179,6 +190,7 @@ fn table_block<'a>(
     lines: &mut impl Iterator<Item = (usize, &'a str)>,
     f: &mut FamilyProgram,
     staging: &mut String,
+    nests: &mut Vec<u8>,
 ) -> Result<(), Unsupported> {
     while let Some((n, line)) = lines.next() {
         let t = line.trim();
@@ -194,7 +206,7 @@ fn table_block<'a>(
         {
             staging.push_str(line);
             staging.push('\n');
-            set_block(lines, f, name, staging)?;
+            set_block(lines, f, name, staging, nests)?;
         } else if t.ends_with('{') {
             // A flowtable, a named object...: only nft.
             return Err(Unsupported::Statement { line: n });
@@ -260,6 +272,7 @@ fn set_block<'a>(
     f: &mut FamilyProgram,
     set: &str,
     staging: &mut String,
+    nests: &mut Vec<u8>,
 ) -> Result<(), Unsupported> {
     let mut decl: Option<&str> = None;
     let mut flags: Vec<String> = Vec::new();
@@ -277,8 +290,10 @@ fn set_block<'a>(
         } else if let Some(first) = t.strip_prefix("elements = {") {
             match decl.and_then(|d| SetType::parse(d, &flags)) {
                 Some(ty) => {
-                    let elements = elements_block(lines, first, &ty, n)?;
-                    f.elements.push(SetUpdate { op: Op::Add, family: f.family.clone(), set: set.into(), elements });
+                    let at = nests.len();
+                    let mut e = EncodedElements { family: f.family.clone(), set: set.into(), count: 0, range: at..at };
+                    elements_block(lines, first, &ty, n, &mut e, nests)?;
+                    f.elements.push(e);
                     continue;
                 }
                 None => {
@@ -303,14 +318,52 @@ fn set_block<'a>(
     Err(Unsupported::Statement { line: 0 })
 }
 
+/// Elements encoded as they are read: their `NFTA_LIST_ELEM` nests one after another, as an
+/// element list attribute holds them (a program's 330,000 elements are 14 MB this way, several
+/// times that as parsed values).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedElements {
+    pub family: String,
+    pub set: String,
+    pub count: usize,
+    /// Where the nests are in [`Split::nests`].
+    pub range: std::ops::Range<usize>,
+}
+
+impl EncodedElements {
+    /// The nests (of `all`, [`Split::nests`]) in chunks of at most `max` bytes, at least one nest
+    /// each, for one message each.
+    pub fn chunks<'a>(&self, all: &'a [u8], max: usize) -> impl Iterator<Item = (&'a [u8], usize)> + use<'a> {
+        let mut rest = all.get(self.range.clone()).unwrap_or_default();
+        std::iter::from_fn(move || {
+            let (mut len, mut count) = (0, 0);
+            while len + 4 <= rest.len() {
+                let step = (u16::from_ne_bytes([rest[len], rest[len + 1]]) as usize).next_multiple_of(4).max(4);
+                if count > 0 && len + step > max {
+                    break;
+                }
+                len = (len + step).min(rest.len());
+                count += 1;
+            }
+            if count == 0 {
+                return None;
+            }
+            let (chunk, tail) = rest.split_at(len);
+            rest = tail;
+            Some((chunk, count))
+        })
+    }
+}
+
 /// `elements = { a, b comment "x, y" : c,` ... `z }` (the renderer puts one element per line).
 fn elements_block<'a>(
     lines: &mut impl Iterator<Item = (usize, &'a str)>,
     first: &'a str,
     ty: &SetType,
     first_line: usize,
-) -> Result<Vec<super::Element>, Unsupported> {
-    let mut out = Vec::new();
+    out: &mut EncodedElements,
+    nests: &mut Vec<u8>,
+) -> Result<(), Unsupported> {
     let (mut text, mut n) = (first, first_line);
     loop {
         let t = text.trim();
@@ -319,13 +372,15 @@ fn elements_block<'a>(
             None => (t, false),
         };
         for item in split_elements(body) {
-            out.push(
-                parse_element(item, ty, Op::Add)
-                    .ok_or_else(|| Unsupported::Element { line: n, element: item.to_string() })?,
-            );
+            let e = parse_element(item, ty, Op::Add)
+                .ok_or_else(|| Unsupported::Element { line: n, element: item.to_string() })?;
+            out.count += 1;
+            // libnftnl numbers a message's elements from 1; the kernel reads any number.
+            encode_element(nests, &e, 1);
         }
         if last {
-            return Ok(out);
+            out.range.end = nests.len();
+            return Ok(());
         }
         (n, text) = lines.next().ok_or(Unsupported::Statement { line: n })?;
     }
@@ -434,21 +489,12 @@ pub fn assemble(split: &Split, staged: &Staged) -> Result<(Vec<RawMessage>, Vec<
     let create = super::NLM_F_CREATE;
     for f in &split.families {
         let fam = nfproto(&f.family);
+        let raw = |msg, flags, attrs, what: String| RawMessage { msg, flags, family: fam, attrs, what };
+        let add_table = |attrs| raw(NFT_MSG_NEWTABLE, create, attrs, format!("add table {} {TABLE}", f.family));
         if f.replaces {
-            before.push(RawMessage {
-                msg: NFT_MSG_NEWTABLE,
-                flags: create,
-                family: fam,
-                attrs: named(NFTA_TABLE_NAME, TABLE),
-                what: format!("add table {} {TABLE}", f.family),
-            });
-            before.push(RawMessage {
-                msg: NFT_MSG_DELTABLE,
-                flags: 0,
-                family: fam,
-                attrs: named(NFTA_TABLE_NAME, TABLE),
-                what: format!("delete table {} {TABLE}", f.family),
-            });
+            before.push(add_table(named(NFTA_TABLE_NAME, TABLE)));
+            let what = format!("delete table {} {TABLE}", f.family);
+            before.push(raw(NFT_MSG_DELTABLE, 0, named(NFTA_TABLE_NAME, TABLE), what));
         }
         if !f.declares {
             continue;
@@ -459,19 +505,8 @@ pub fn assemble(split: &Split, staged: &Staged) -> Result<(Vec<RawMessage>, Vec<
             .find(|d| staged_in(d, fam, NFTA_TABLE_NAME))
             .ok_or_else(|| AssembleError::NoTable(f.family.clone()))?;
         let mut a = named(NFTA_TABLE_NAME, TABLE);
-        let ta = attributes(&table.attrs);
-        for ty in [NFTA_TABLE_FLAGS, NFTA_TABLE_USERDATA] {
-            if let Some(p) = attr(&ta, ty) {
-                put_attr(&mut a, ty, p);
-            }
-        }
-        before.push(RawMessage {
-            msg: NFT_MSG_NEWTABLE,
-            flags: create,
-            family: fam,
-            attrs: a,
-            what: format!("add table {} {TABLE}", f.family),
-        });
+        copy_only(&mut a, &attributes(&table.attrs), &[NFTA_TABLE_FLAGS, NFTA_TABLE_USERDATA]);
+        before.push(add_table(a));
         for c in staged.chains.iter().filter(|d| staged_in(d, fam, NFTA_CHAIN_TABLE)) {
             let ca = attributes(&c.attrs);
             let name = attr_str(&ca, NFTA_CHAIN_NAME).ok_or(AssembleError::Unnamed("chain"))?;
@@ -485,13 +520,7 @@ pub fn assemble(split: &Split, staged: &Staged) -> Result<(Vec<RawMessage>, Vec<
                 put_attr(&mut a, NFTA_CHAIN_POLICY, &h.policy.to_be_bytes());
                 put_str(&mut a, NFTA_CHAIN_TYPE, &h.kind);
             }
-            before.push(RawMessage {
-                msg: NFT_MSG_NEWCHAIN,
-                flags: create,
-                family: fam,
-                attrs: a,
-                what: format!("add chain {} {TABLE} {name}", f.family),
-            });
+            before.push(raw(NFT_MSG_NEWCHAIN, create, a, format!("add chain {} {TABLE} {name}", f.family)));
         }
         for (i, s) in staged.sets.iter().filter(|d| staged_in(d, fam, NFTA_SET_TABLE)).enumerate() {
             let sa = attributes(&s.attrs);
@@ -503,57 +532,29 @@ pub fn assemble(split: &Split, staged: &Staged) -> Result<(Vec<RawMessage>, Vec<
             let mut a = named(NFTA_SET_TABLE, TABLE);
             copy_only(&mut a, &sa, SET_ATTRIBUTES);
             put_attr(&mut a, NFTA_SET_ID, &(i as u32 + 1).to_be_bytes());
-            before.push(RawMessage {
-                msg: NFT_MSG_NEWSET,
-                flags: create,
-                family: fam,
-                attrs: a,
-                what: format!("add set {} {TABLE} {name}", f.family),
-            });
+            before.push(raw(NFT_MSG_NEWSET, create, a, format!("add set {} {TABLE} {name}", f.family)));
         }
         for e in staged.elements.iter().filter(|d| staged_in(d, fam, NFTA_SET_ELEM_LIST_TABLE)) {
             let ea = attributes(&e.attrs);
             let set = attr_str(&ea, NFTA_SET_ELEM_LIST_SET).ok_or(AssembleError::Unnamed("element list"))?;
-            let Some(list) = attr(&ea, NFTA_SET_ELEM_LIST_ELEMENTS) else { continue };
             let mut a = named(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            put_str(&mut a, NFTA_SET_ELEM_LIST_SET, &set);
-            put_attr(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, list);
-            before.push(RawMessage {
-                msg: super::NFT_MSG_NEWSETELEM,
-                flags: create,
-                family: fam,
-                attrs: a,
-                what: format!("add element {} {TABLE} {set}", f.family),
-            });
+            copy_only(&mut a, &ea, &[NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS]);
+            let what = format!("add element {} {TABLE} {set}", f.family);
+            before.push(raw(super::NFT_MSG_NEWSETELEM, create, a, what));
         }
         for r in staged.rules.iter().filter(|d| staged_in(d, fam, NFTA_RULE_TABLE)) {
             let ra = attributes(&r.attrs);
             let chain = attr_str(&ra, NFTA_RULE_CHAIN).ok_or(AssembleError::Unnamed("rule's chain"))?;
             let mut a = named(NFTA_RULE_TABLE, TABLE);
-            put_str(&mut a, NFTA_RULE_CHAIN, &chain);
-            for ty in [NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA] {
-                if let Some((t, p)) = ra.iter().find(|(t, _)| t & !NLA_F_NESTED == ty) {
-                    put_attr(&mut a, *t, p);
-                }
-            }
-            after.push(RawMessage {
-                msg: NFT_MSG_NEWRULE,
-                flags: create | NLM_F_APPEND,
-                family: fam,
-                attrs: a,
-                what: format!("add rule {} {TABLE} {chain}", f.family),
-            });
+            copy_only(&mut a, &ra, &[NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA]);
+            let what = format!("add rule {} {TABLE} {chain}", f.family);
+            after.push(raw(NFT_MSG_NEWRULE, create | NLM_F_APPEND, a, what));
         }
     }
     for f in split.families.iter().filter(|f| f.declares) {
-        let fam = nfproto(&f.family);
-        after.push(RawMessage {
-            msg: NFT_MSG_DELTABLE,
-            flags: 0,
-            family: fam,
-            attrs: named(NFTA_TABLE_NAME, STAGING),
-            what: format!("delete table {} {STAGING}", f.family),
-        });
+        let what = format!("delete table {} {STAGING}", f.family);
+        let attrs = named(NFTA_TABLE_NAME, STAGING);
+        after.push(RawMessage { msg: NFT_MSG_DELTABLE, flags: 0, family: nfproto(&f.family), attrs, what });
     }
     Ok((before, after))
 }
@@ -621,7 +622,7 @@ mod tests {
     #[test]
     fn split_moves_elements_and_hooks_out_of_the_staging_script() {
         let program = demo_program("node-1");
-        let s = split(&program).expect("a full program");
+        let s = split(&program, Vec::new()).expect("a full program");
         let ip = &s.families[0];
         assert_eq!((ip.family.as_str(), ip.replaces, ip.declares), ("ip", true, true));
         assert!(!s.staging.contains(" hook "), "{}", s.staging);
@@ -636,13 +637,29 @@ mod tests {
         for set in ["firewall-allowed", "local-pod-cidrs", "service-cidrs"] {
             assert!(ip.staged_elements.iter().any(|s| s == set), "{set}");
         }
-        let ours: Vec<&str> = ip.elements.iter().map(|u| u.set.as_str()).collect();
+        let ours: Vec<&str> = ip.elements.iter().map(|e| e.set.as_str()).collect();
         assert!(ours.contains(&"endpoints-ips") && ours.contains(&"service-ips") && ours.contains(&"hairpin"));
         let elements_in = |text: &str| text.lines().filter(|l| l.contains(" : ") || l.contains("elements = {")).count();
         assert!(elements_in(&s.staging) < elements_in(&program));
-        let cart = ip.elements.iter().find(|u| u.set == "affinity-services").expect("affinity-services");
-        assert_eq!(cart.elements.len(), 1);
-        assert_eq!(cart.elements[0].comment.as_deref(), Some("default/cart:http sessionAffinity"));
+        let cart = ip.elements.iter().find(|e| e.set == "affinity-services").expect("affinity-services");
+        assert_eq!(cart.count, 1);
+        let mut want = Vec::new();
+        let ty = SetType::parse("type ipv4_addr . inet_proto . inet_service : verdict", &[]).expect("type");
+        let e = parse_element(
+            r#"10.96.0.30 . tcp . 80 comment "default/cart:http sessionAffinity" : jump affinity-600"#,
+            &ty,
+            Op::Add,
+        );
+        encode_element(&mut want, &e.expect("parses"), 1);
+        assert_eq!(&s.nests[cart.range.clone()], want);
+        let endpoints = ip.elements.iter().find(|e| e.set == "endpoints-ips").expect("endpoints-ips");
+        let block = program
+            .split("map endpoints-ips {")
+            .nth(1)
+            .and_then(|b| b.split("\n\t}").next())
+            .expect("block");
+        let listed = block.lines().filter(|l| l.contains(" : ") && !l.contains("typeof")).count();
+        assert_eq!(endpoints.count, listed);
         // A rule line is kept whole.
         assert!(s.staging.contains("\t\tmasquerade fully-random\n"));
     }
@@ -651,17 +668,20 @@ mod tests {
     /// this module does not know go through nft.
     #[test]
     fn only_full_programs_split() {
-        assert!(split("add element ip switchyard cluster-ips { 10.0.0.1 }\n").is_err());
-        assert!(split("table ip filter {\n}\n").is_err());
-        assert!(split("table inet switchyard {\n}\n").is_err());
-        assert!(split("table ip switchyard {\n\tflowtable f {\n\t}\n}\n").is_err());
-        assert!(split("table ip switchyard\ndelete table ip switchyard\n").is_err(), "nothing to load");
+        assert!(split("add element ip switchyard cluster-ips { 10.0.0.1 }\n", Vec::new()).is_err());
+        assert!(split("table ip filter {\n}\n", Vec::new()).is_err());
+        assert!(split("table inet switchyard {\n}\n", Vec::new()).is_err());
+        assert!(split("table ip switchyard {\n\tflowtable f {\n\t}\n}\n", Vec::new()).is_err());
+        assert!(split("table ip switchyard\ndelete table ip switchyard\n", Vec::new()).is_err(), "nothing to load");
+        let declared_then_deleted = format!("{}delete table ip {TABLE}\n", demo_program("node-1"));
+        assert!(split(&declared_then_deleted, Vec::new()).is_err());
         let bad_element =
             "table ip switchyard {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.300 }\n\t}\n}\n";
-        assert!(matches!(split(bad_element), Err(Unsupported::Element { line: 4, .. })));
+        assert!(matches!(split(bad_element, Vec::new()), Err(Unsupported::Element { line: 4, .. })));
         assert!(
             split(
-                "table ip switchyard {\n\tchain c {\n\t\ttype filter hook ingress priority 0; policy accept;\n\t}\n}\n"
+                "table ip switchyard {\n\tchain c {\n\t\ttype filter hook ingress priority 0; policy accept;\n\t}\n}\n",
+                Vec::new()
             )
             .is_err()
         );
@@ -672,7 +692,7 @@ mod tests {
     #[test]
     fn a_deleted_family_is_deleted_in_the_batch() {
         let program = format!("{}table ip6 {TABLE}\ndelete table ip6 {TABLE}\n", demo_program("node-1"));
-        let s = split(&program).expect("a full program");
+        let s = split(&program, Vec::new()).expect("a full program");
         let ip6 = s.families.iter().find(|f| f.family == "ip6").expect("ip6");
         assert!(ip6.replaces && !ip6.declares);
         assert!(dump_requests(&s).iter().all(|(_, fam, _, _)| *fam == NFPROTO_IPV4));
@@ -687,6 +707,27 @@ mod tests {
             ip6_msgs,
             [(NFT_MSG_NEWTABLE, "add table ip6 switchyard"), (NFT_MSG_DELTABLE, "delete table ip6 switchyard")]
         );
+    }
+
+    /// Chunks end on element boundaries, hold at least one element, and cover every byte.
+    #[test]
+    fn encoded_elements_chunk_on_element_boundaries() {
+        let ty = SetType::parse("type ipv4_addr", &[]).expect("type");
+        let mut e = EncodedElements::default();
+        // Another set's nests first (nests are padded to 4 bytes, as attributes are).
+        let mut nests = vec![7; 4];
+        for i in 0..100u8 {
+            encode_element(&mut nests, &parse_element(&format!("10.0.0.{i}"), &ty, Op::Add).expect("parses"), 1);
+            e.count += 1;
+        }
+        e.range = 4..nests.len();
+        let one = (nests.len() - 4) / 100;
+        let chunks: Vec<(&[u8], usize)> = e.chunks(&nests, one * 30 + 1).collect();
+        assert_eq!(chunks.iter().map(|c| c.1).collect::<Vec<_>>(), [30, 30, 30, 10]);
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.0.iter().copied()).collect();
+        assert_eq!(joined, nests[4..]);
+        assert_eq!(e.chunks(&nests, 1).count(), 100, "an element larger than the limit still goes, alone");
+        assert_eq!(EncodedElements::default().chunks(&nests, 100).count(), 0);
     }
 
     fn dumped(msg: u16, attrs: &[(u16, &[u8])]) -> Dumped {
@@ -749,7 +790,7 @@ mod tests {
     /// staging table deleted last.
     #[test]
     fn assemble_copies_the_staging_table_into_ours() {
-        let s = split(&demo_program("node-1")).expect("a full program");
+        let s = split(&demo_program("node-1"), Vec::new()).expect("a full program");
         let (before, after) = assemble(&s, &staged_demo(&s)).expect("assembles");
         let whats: Vec<&str> = before.iter().chain(&after).map(|m| m.what.as_str()).collect();
         assert_eq!(
