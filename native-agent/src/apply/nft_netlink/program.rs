@@ -653,11 +653,7 @@ mod tests {
         encode_element(&mut want, &e.expect("parses"), 1);
         assert_eq!(&s.nests[cart.range.clone()], want);
         let endpoints = ip.elements.iter().find(|e| e.set == "endpoints-ips").expect("endpoints-ips");
-        let block = program
-            .split("map endpoints-ips {")
-            .nth(1)
-            .and_then(|b| b.split("\n\t}").next())
-            .expect("block");
+        let block = program.split("map endpoints-ips {").nth(1).and_then(|b| b.split("\n\t}").next()).expect("block");
         let listed = block.lines().filter(|l| l.contains(" : ") && !l.contains("typeof")).count();
         assert_eq!(endpoints.count, listed);
         // A rule line is kept whole.
