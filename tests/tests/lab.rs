@@ -271,6 +271,8 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
         let tool = loop {
             // The load itself, not the reads before it (`nft list tables`, `iptables-save`); the
             // restore runs as the variant's binary (`iptables-nft-restore`, `iptables-legacy-restore`).
+            // nftables: `nft -f` stages the program's declarations, and the netlink batch that
+            // loads the program follows it (killed "right after" is killed before or during it).
             let loading = |cmd: &str| cmd.contains("nft -f") || cmd.contains("-restore");
             if let Some(c) = children(pid).into_iter().find(|(_, cmd)| loading(cmd)) {
                 break c;
@@ -302,6 +304,7 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
             match (backend, jump) {
                 (BackendChoice::Iptables, true) => ", PREROUTING jump present",
                 (BackendChoice::Iptables, false) => ", PREROUTING jump absent",
+                _ if staging_left(&exec) => ", the staging table left",
                 _ => "",
             }
         ));
@@ -346,12 +349,22 @@ fn killed_mid_sync(backend: BackendChoice, tag: &str) {
             if now != foreign_before || !now.contains(foreign) {
                 problems.push(format!("the foreign table changed:\n{foreign_before}\n---\n{now}"));
             }
+            // A kill between staging a full program and its batch leaves the hookless staging
+            // table; the restarted agent's first full program removes it.
+            if staging_left(&exec) {
+                problems.push("the staging table is still there after the restart".into());
+            }
         }
     }
     eprintln!("{report}");
     let _ = std::fs::remove_file(&log);
     drop(lab);
     assert!(problems.is_empty(), "after the restart:\n{}", problems.join("\n"));
+}
+
+/// Whether `table ip switchyard-staging` (the netlink applier's, see `nft_netlink::program`) exists.
+fn staging_left(exec: &impl Fn(&[&str]) -> lab::Result<String>) -> bool {
+    exec(&["nft", "list", "tables"]).is_ok_and(|t| t.contains(switchyard_agent::apply::nft_netlink::program::STAGING))
 }
 
 #[test]
