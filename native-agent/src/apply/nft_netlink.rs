@@ -481,17 +481,7 @@ fn encode_into(batch: &Batch, seq: u32, b: &mut Vec<u8>) -> (u32, u32, Vec<Messa
         for (chunk, count) in e.chunks(&batch.nests, MAX_ELEMENTS_ATTR) {
             next = next.wrapping_add(1);
             let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
-            let msg = msg_start(
-                b,
-                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-                flags,
-                next,
-                program::nfproto(&e.family),
-                0,
-            );
-            put_str(b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            put_str(b, NFTA_SET_ELEM_LIST_SET, &e.set);
-            let list = nest_start(b, NFTA_SET_ELEM_LIST_ELEMENTS);
+            let (msg, list) = element_list_start(b, NFT_MSG_NEWSETELEM, flags, next, &e.family, &e.set);
             b.extend_from_slice(chunk);
             nest_end(b, list);
             msg_end(b, msg);
@@ -507,14 +497,10 @@ fn encode_into(batch: &Batch, seq: u32, b: &mut Vec<u8>) -> (u32, u32, Vec<Messa
             Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
             Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
-        let family = if u.family == "ip6" { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
         let mut rest = u.elements.as_slice();
         while !rest.is_empty() {
             next = next.wrapping_add(1);
-            let msg = msg_start(b, (NFNL_SUBSYS_NFTABLES << 8) | ty, flags, next, family, 0);
-            put_str(b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            put_str(b, NFTA_SET_ELEM_LIST_SET, &u.set);
-            let list = nest_start(b, NFTA_SET_ELEM_LIST_ELEMENTS);
+            let (msg, list) = element_list_start(b, ty, flags, next, &u.family, &u.set);
             let mut taken = 0;
             for e in rest {
                 elem.clear();
@@ -542,6 +528,20 @@ fn encode_into(batch: &Batch, seq: u32, b: &mut Vec<u8>) -> (u32, u32, Vec<Messa
     next = next.wrapping_add(1);
     batch_marker(b, NFNL_MSG_BATCH_END, next);
     (begin_seq, next, messages)
+}
+
+/// `nft`'s family name as an `NFPROTO_*` number (our tables are `ip` or `ip6`).
+fn nfproto(family: &str) -> u8 {
+    if family == "ip6" { NFPROTO_IPV6 } else { NFPROTO_IPV4 }
+}
+
+/// Starts an element message of our table's `set`: its header and the opened element list, whose
+/// offsets (message, list) `msg_end` and `nest_end` close.
+fn element_list_start(b: &mut Vec<u8>, msg: u16, flags: u16, seq: u32, family: &str, set: &str) -> (usize, usize) {
+    let at = msg_start(b, (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, seq, nfproto(family), 0);
+    put_str(b, NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    put_str(b, NFTA_SET_ELEM_LIST_SET, set);
+    (at, nest_start(b, NFTA_SET_ELEM_LIST_ELEMENTS))
 }
 
 fn encode_element(b: &mut Vec<u8>, e: &Element, index: u16) {

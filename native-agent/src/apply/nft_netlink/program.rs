@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use switchyard_engine::render::nftables::TABLE;
 
 use super::{
-    NFPROTO_IPV4, NFPROTO_IPV6, NLA_F_NESTED, Op, SetType, Unsupported, encode_element, nest_end, nest_start,
-    parse_element, put_attr, put_str, split_elements,
+    NLA_F_NESTED, Op, SetType, Unsupported, encode_element, nest_end, nest_start, nfproto, parse_element, put_attr,
+    put_str, split_elements,
 };
 
 /// The table the declarations are staged in; created and deleted by every full load.
@@ -456,10 +456,6 @@ fn copy_only(out: &mut Vec<u8>, attrs: &[(u16, &[u8])], keep: &[u16]) {
     }
 }
 
-pub fn nfproto(family: &str) -> u8 {
-    if family == "ip6" { NFPROTO_IPV6 } else { NFPROTO_IPV4 }
-}
-
 /// Why a staged program cannot be assembled (it then goes through `nft -f`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssembleError {
@@ -610,6 +606,7 @@ impl Staged {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{NFPROTO_IPV4, NFPROTO_IPV6};
     use super::*;
     use switchyard_engine::policy::Backend;
 
